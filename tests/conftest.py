@@ -1,0 +1,132 @@
+"""Fixtures that start real zmqchat processes on free loopback ports and stop them by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from zmqchat.client import BrokerError, fetch_status
+
+START_TIMEOUT = 120.0  # seconds for a part to come up (a real model loads in a few)
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Part:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Cluster:
+    """Processes of one test's cluster, each logging to a file in the test's tmp_path."""
+
+    tmp_path: Path
+    frontend: str = field(default_factory=lambda: f"tcp://127.0.0.1:{free_port()}")
+    backend: str = field(default_factory=lambda: f"tcp://127.0.0.1:{free_port()}")
+    port: int = field(default_factory=free_port)
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self, name: str, *args: str) -> Part:
+        log = self.tmp_path / f"{name}-{len(self.parts)}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen([sys.executable, "-m", "zmqchat", *args], stdout=out,
+                                       stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        part = Part(name, process, log)
+        self.parts.append(part)
+        return part
+
+    def broker(self, *args: str) -> Part:
+        return self.spawn("broker", "broker", "--frontend", self.frontend, "--backend", self.backend, *args)
+
+    def worker(self, *args: str, fake: bool = True, wait: bool = True) -> Part:
+        before = len(self.workers()) if wait else 0
+        part = self.spawn("worker", "worker", "--broker", self.backend, *(("--fake",) if fake else ()), *args)
+        if wait:
+            wait_for(lambda: len(self.workers()) > before or self._dead(part), START_TIMEOUT, "a worker to join")
+            assert part.process.poll() is None, part.output()
+        return part
+
+    def api(self, *args: str, wait: bool = True) -> Part:
+        part = self.spawn("api", "api", "--port", str(self.port), "--broker", self.frontend, *args)
+        if wait:
+            wait_for(lambda: self._healthy() or self._dead(part), START_TIMEOUT, "the API to answer")
+            assert part.process.poll() is None, part.output()
+        return part
+
+    def status(self) -> dict:
+        return fetch_status(self.frontend, timeout=2.0)
+
+    def workers(self) -> list[dict]:
+        try:
+            return self.status()["workers"]
+        except BrokerError:
+            return []
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @staticmethod
+    def _dead(part: Part) -> bool:
+        return part.process.poll() is not None
+
+    def stop(self) -> None:
+        for part in reversed(self.parts):
+            part.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def chat(model: str = "fake", content: str = "hello there world", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}

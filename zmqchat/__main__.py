@@ -1,0 +1,3 @@
+from zmqchat.cli import main
+
+main()

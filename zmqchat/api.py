@@ -1,0 +1,263 @@
+"""The API frontend: OpenAI's HTTP API in front of the broker.
+
+A request is validated here (pydantic, at the HTTP boundary), given an id and sent to the
+broker as one SUBMIT over the process's single BrokerClient. The answer comes back as
+CHUNK/DONE/ERROR events and leaves as one JSON body or as server-sent events in OpenAI's
+chunk format. A client that goes away mid-stream makes the client send CANCEL.
+
+Every error a client sees is shaped in one place, `error_response()`:
+{"error": {"message", "type", "param", "code"}} with an honest HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from zmqchat.client import BrokerClient, BrokerError, Stream
+
+log = logging.getLogger("zmqchat.api")
+
+REQUEST_TIMEOUT = 300.0  # seconds a request may take, end to end, unless configured
+
+
+@dataclass
+class APIConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    broker: str = "tcp://127.0.0.1:5555"
+    api_keys: tuple[str, ...] = ()
+    request_timeout: float = REQUEST_TIMEOUT
+    log_level: str = "info"
+
+
+# -- request schemas --------------------------------------------------------------------------
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    def params(self) -> dict:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return {"max_tokens": self.max_completion_tokens or self.max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "stop": stop}
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               413: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}
+
+
+def error_body(status: int, message: str, type_: str | None = None, param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_ or ERROR_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str | None = None, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(error_body(status, message, type_, param, code), status_code=status, headers=headers)
+
+
+def broker_error_response(error: BrokerError) -> JSONResponse:
+    param = "model" if error.status == 404 else None
+    return error_response(error.status, error.message, param=param, code=error.type)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    return error_response(400, f"{param}: {message}" if param else message, param=param)
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+def create_app(config: APIConfig) -> FastAPI:
+    client = BrokerClient(config.broker)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await client.start()
+        if not await client.wait_for_broker(2.0):
+            log.warning("no answer yet from the broker at %s; requests get 503 until it answers", config.broker)
+        yield
+        await client.close()
+
+    app = FastAPI(title="zmqchat", lifespan=lifespan)
+    app.state.client = client
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return validation_error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    @app.exception_handler(BrokerError)
+    async def on_broker_error(request: Request, exc: BrokerError):
+        return broker_error_response(exc)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if config.api_keys and request.url.path.startswith("/v1"):
+            supplied = request.headers.get("authorization", "")
+            if supplied.removeprefix("Bearer ").strip() not in config.api_keys:
+                return error_response(401, "invalid or missing API key", code="invalid_api_key")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if client.broker_up else "broker_unavailable", "broker": config.broker}
+
+    @app.get("/v1/models")
+    async def list_models():
+        status = await client.status()
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "zmqchat"}
+            for name in sorted(status["models"])]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        stream = client.submit(body.model, messages, body.params(), config.request_timeout)
+        # Wait for the first event before answering, so that an error (unknown model, no
+        # worker, a prompt too long) gets its own HTTP status rather than a 200 stream.
+        try:
+            first = await stream.next()
+        except BaseException:
+            client.finish(stream)
+            raise
+        if first.kind == "error":
+            client.finish(stream)
+            return broker_error_response(first.error)
+        completion = Completion(stream, body.model)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(completion.sse(client, first, include_usage), media_type="text/event-stream")
+        try:
+            return await completion.json(first)
+        finally:
+            client.finish(stream)
+
+    return app
+
+
+class Completion:
+    """Turns one request's events into an OpenAI chat.completion or its chunk stream."""
+
+    def __init__(self, stream: Stream, model: str):
+        self.stream = stream
+        self.id = f"chatcmpl-{stream.id}"
+        self.model = model
+        self.created = int(time.time())
+
+    async def json(self, first) -> JSONResponse | dict:
+        parts, event = [], first
+        while event.kind == "chunk":
+            parts.append(event.text)
+            event = await self.stream.next()
+        if event.kind == "error":
+            return broker_error_response(event.error)
+        parts.append(event.text)
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                         "finish_reason": event.finish_reason}],
+            "usage": self._usage(event),
+        }
+
+    async def sse(self, client: BrokerClient, first, include_usage: bool):
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            event = first
+            while event.kind == "chunk":
+                yield self._chunk({"content": event.text})
+                event = await self.stream.next()
+            if event.kind == "error":
+                yield _sse(error_body(event.error.status, event.error.message, code=event.error.type))
+            else:
+                if event.text:
+                    yield self._chunk({"content": event.text})
+                yield self._chunk({}, event.finish_reason)
+                if include_usage:
+                    yield _sse({**self._header(), "choices": [], "usage": self._usage(event)})
+            yield "data: [DONE]\n\n"
+        finally:
+            # Runs when the stream ends and when the client disconnects mid-stream.
+            client.finish(self.stream)
+
+    def _header(self) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+        return _sse({**self._header(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+
+    @staticmethod
+    def _usage(done) -> dict:
+        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def run(config: APIConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level)

@@ -1,0 +1,166 @@
+"""The `zmqchat` command line: click parses options into a role's config and calls its run().
+
+Every option can also be set by a ZMQCHAT_<COMMAND>_<OPTION> variable, e.g.
+ZMQCHAT_WORKER_BROKER=tcp://10.0.0.1:5556 (shown in each command's --help).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from zmqchat.broker import MAX_QUEUE, BrokerConfig
+from zmqchat.engine import DEFAULT_SLOTS
+from zmqchat.policy import POLICIES
+
+FRONTEND = "tcp://127.0.0.1:5555"
+BACKEND = "tcp://127.0.0.1:5556"
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+policy_option = click.option("--policy", type=click.Choice(list(POLICIES)), default="shortest-queue",
+                             show_default=True, help="How the broker picks a worker for each job.")
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (all GPUs through accelerate, else CPU), cpu, cuda, cuda:N.")
+dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+                            default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=DEFAULT_SLOTS,
+                                show_default=True, help="Sequences a worker runs at once (its slots).")
+model_name_option = click.option("--model-name", help="Name clients use for the model [default: the folder's name].")
+fake_option = click.option("--fake", is_flag=True, help="Serve a fake engine that echoes the user (tests, benchmarks).")
+fake_delay_option = click.option("--fake-delay", type=float, default=0.02, show_default=True,
+                                 help="Seconds per step of the fake engine.")
+api_key_option = click.option("--api-key", "api_keys", multiple=True,
+                              help="Require this Bearer key on /v1 routes (repeatable).")
+
+
+@click.group(context_settings={"auto_envvar_prefix": "ZMQCHAT", "show_default": True,
+                               "help_option_names": ["-h", "--help"]})
+@click.option("--log-level", type=LOG_LEVELS, default="info", help="Least severe log level printed.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str) -> None:
+    """zmqchat: serve chat models from a cluster, over ZeroMQ, behind an OpenAI API."""
+    ctx.obj = {"log_level": log_level.lower()}
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--frontend", default=FRONTEND, help="Address API frontends connect to.")
+@click.option("--backend", default=BACKEND, help="Address workers connect to.")
+@policy_option
+@click.option("--max-queue", type=click.IntRange(1), default=MAX_QUEUE, help="Jobs waiting per model before 503.")
+def broker(frontend: str, backend: str, policy: str, max_queue: int) -> None:
+    """Run the broker: it tracks workers and dispatches jobs to them."""
+    from zmqchat import broker as role
+
+    role.run(BrokerConfig(frontend=frontend, backend=backend, policy=policy, max_queue=max_queue))
+
+
+@main.command()
+@click.argument("model_path", required=False)
+@model_name_option
+@click.option("--broker", default=BACKEND, help="The broker's worker address.")
+@device_option
+@dtype_option
+@max_batch_option
+@fake_option
+@fake_delay_option
+def worker(model_path, model_name, broker, device, dtype, max_batch, fake, fake_delay) -> None:
+    """Run a worker serving MODEL_PATH (a model folder, a hub id or a GGUF file).
+
+    With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct."""
+    from zmqchat import worker as role
+
+    role.run(role.WorkerConfig(model_path=model_path, model_name=model_name, broker=broker, device=device,
+                               dtype=dtype, max_batch=max_batch, fake=fake, fake_delay=fake_delay))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", help="Interface to listen on.")
+@click.option("--port", type=int, default=8000, help="HTTP port.")
+@click.option("--broker", default=FRONTEND, help="The broker's frontend address.")
+@api_key_option
+@click.option("--timeout", "request_timeout", type=click.FloatRange(0.1), default=300.0,
+              help="Seconds a request may take before it fails with 504.")
+@click.pass_obj
+def api(obj, host, port, broker, api_keys, request_timeout) -> None:
+    """Run the OpenAI-compatible HTTP API in front of the broker."""
+    from zmqchat import api as role
+
+    role.run(role.APIConfig(host=host, port=port, broker=broker, api_keys=tuple(api_keys),
+                            request_timeout=request_timeout, log_level=obj["log_level"]))
+
+
+@main.command()
+@click.argument("model_path", required=False)
+@model_name_option
+@click.option("--workers", type=click.IntRange(1), default=1, help="Workers to start, each with its own copy.")
+@click.option("--host", default="127.0.0.1", help="Interface the API listens on.")
+@click.option("--port", type=int, default=8000, help="HTTP port of the API.")
+@click.option("--frontend", default=FRONTEND, help="Broker address for the API.")
+@click.option("--backend", default=BACKEND, help="Broker address for the workers.")
+@policy_option
+@device_option
+@dtype_option
+@max_batch_option
+@api_key_option
+@fake_option
+@fake_delay_option
+@click.pass_obj
+def serve(obj, model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype,
+          max_batch, api_keys, fake, fake_delay) -> None:
+    """Run broker, workers and API on this machine; Ctrl-C stops them all."""
+    from zmqchat import serve as role
+
+    sys.exit(role.run(role.ServeConfig(
+        model_path=model_path, model_name=model_name, workers=workers, host=host, port=port,
+        frontend=frontend, backend=backend, policy=policy, device=device, dtype=dtype,
+        max_batch=max_batch, api_keys=tuple(api_keys), fake=fake, fake_delay=fake_delay,
+        log_level=obj["log_level"])))
+
+
+@main.command()
+@click.option("--broker", default=FRONTEND, help="The broker's frontend address.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+@click.option("--watch", type=float, default=None, help="Refresh every this many seconds.")
+def status(broker: str, as_json: bool, watch: float | None) -> None:
+    """Show workers, models, free slots and queue depth."""
+    from zmqchat.client import BrokerError, fetch_status
+
+    while True:
+        try:
+            report = fetch_status(broker)
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+        if not watch:
+            return
+        time.sleep(watch)
+        click.clear()
+
+
+def format_status(report: dict) -> str:
+    rows = [("WORKER", "MODELS", "DEVICE", "BUSY", "FREE", "DONE", "HEARD")]
+    for w in report["workers"]:
+        rows.append((w["worker_id"], ",".join(w["models"]), w["device"], str(w["slots"] - w["free"]),
+                     str(w["free"]), str(w["done"]), f"{w['last_heard']:.1f}s ago"))
+    rows.append(("", "", "", "", "", "", ""))
+    rows.append(("MODEL", "WORKERS", "SLOTS", "FREE", "QUEUED", "", ""))
+    for name, m in sorted(report["models"].items()):
+        rows.append((name, str(m["workers"]), str(m["slots"]), str(m["free"]), str(m["queued"]), "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return f"policy: {report['policy']}\n" + "\n".join(lines)
+
+
+@main.command("prepare-model")
+@click.argument("model_path", required=False)
+def prepare_model(model_path: str | None) -> None:
+    """Convert and cache a model (default: the embedded one) so workers start in seconds."""
+    from zmqchat import models
+
+    source, name = models.resolve(model_path, None)
+    click.echo(f"{name}: {source}")

@@ -1,0 +1,217 @@
+"""A frontend's connection to the broker: one asyncio DEALER shared by every request.
+
+`submit()` sends a SUBMIT and returns a Stream; one reader task receives everything the
+broker sends and puts each CHUNK, DONE or ERROR entry on the stream of its request id.
+`status()` asks the broker for its STATUS. A heartbeat task pings the broker; while it is
+silent for HEARTBEAT_LIVENESS intervals the client counts it as down: new requests fail at
+once and requests in flight end with an error instead of waiting for their deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from zmqchat import protocol as p
+from zmqchat.broker import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+
+log = logging.getLogger("zmqchat.client")
+
+
+class BrokerError(Exception):
+    """A request that ended without an answer: `status` is the HTTP status it maps to."""
+
+    def __init__(self, status: int, type_: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+
+
+@dataclass
+class Event:
+    kind: str  # "chunk", "done" or "error"
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: BrokerError | None = None
+
+
+class Stream:
+    """The events of one request, in order, ending with a "done" or "error" event."""
+
+    def __init__(self, request_id: str, deadline: float):
+        self.id = request_id
+        self.deadline = deadline
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.finished = False
+
+    async def next(self) -> Event:
+        remaining = self.deadline - time.monotonic()
+        try:
+            event = await asyncio.wait_for(self.events.get(), max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            event = Event("error", error=BrokerError(504, "timeout", "the request did not finish before its deadline"))
+        self.finished = event.kind != "chunk"
+        return event
+
+
+class BrokerClient:
+    def __init__(self, address: str, heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_liveness: int = HEARTBEAT_LIVENESS):
+        self.address = address
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = heartbeat_interval * heartbeat_liveness
+        self.streams: dict[str, Stream] = {}
+        self.status_waiters: dict[str, asyncio.Future] = {}
+        self.last_heard = 0.0
+        self.context = zmq.asyncio.Context.instance()
+        self.socket: zmq.asyncio.Socket | None = None
+        self.sender: zmq.Socket | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    @property
+    def broker_up(self) -> bool:
+        return time.monotonic() - self.last_heard < self.liveness
+
+    async def start(self) -> None:
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for a broker that is not connected: sends fail, requests get a 503.
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.socket.connect(self.address)
+        # Sends go through a plain shadow of the same socket, so that a refused
+        # non-blocking send raises here instead of inside a Future nobody awaits.
+        self.sender = zmq.Socket.shadow(self.socket.underlying)
+        self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeat())]
+
+    async def wait_for_broker(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.broker_up and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.broker_up
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.socket.close()
+
+    def _send(self, command: bytes, body) -> None:
+        try:
+            self.sender.send_multipart(p.encode(command, body), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} is not reachable") from None
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def submit(self, model: str, messages: list[dict], params: dict, timeout: float) -> Stream:
+        if not self.broker_up:
+            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} is not answering")
+        stream = Stream(uuid.uuid4().hex, time.monotonic() + timeout)
+        self._send(p.SUBMIT, {"id": stream.id, "model": model, "timeout": timeout,
+                              "messages": messages, "params": params})
+        self.streams[stream.id] = stream
+        return stream
+
+    def finish(self, stream: Stream) -> None:
+        """The caller is done with `stream`; if it had not ended, the job is cancelled."""
+        self.streams.pop(stream.id, None)
+        if not stream.finished:
+            stream.finished = True
+            try:
+                self._send(p.CANCEL, {"ids": [stream.id]})
+            except BrokerError:
+                pass  # the broker is gone, and the job with it
+
+    async def status(self, timeout: float = 3.0) -> dict:
+        token = uuid.uuid4().hex
+        waiter = asyncio.get_running_loop().create_future()
+        self.status_waiters[token] = waiter
+        try:
+            self._send(p.STATUS, {"token": token})
+            return await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} did not answer") from None
+        finally:
+            self.status_waiters.pop(token, None)
+
+    # -- background tasks ---------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart()
+            try:
+                command, body = p.decode(frames)
+                self.last_heard = time.monotonic()
+                self._dispatch(command, body)
+            except (p.ProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
+                log.warning("dropped a bad message from the broker: %r", exc)
+
+    def _dispatch(self, command: bytes, body) -> None:
+        if command == p.CHUNK:
+            for request_id, text in body:
+                self._deliver(request_id, Event("chunk", text))
+        elif command == p.DONE:
+            for request_id, text, reason, prompt_tokens, completion_tokens in body:
+                self._deliver(request_id, Event("done", text, reason, prompt_tokens, completion_tokens))
+        elif command == p.ERROR:
+            error = BrokerError(int(body["status"]), str(body["type"]), str(body["message"]))
+            self._deliver(body["id"], Event("error", error=error))
+        elif command == p.STATUS:
+            waiter = self.status_waiters.get(body.get("token"))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(body)
+
+    def _deliver(self, request_id: str, event: Event) -> None:
+        stream = self.streams.get(request_id)
+        if stream is None:
+            return  # its client left: the broker will see our CANCEL
+        if event.kind != "chunk":
+            del self.streams[request_id]
+        stream.events.put_nowait(event)
+
+    async def _heartbeat(self) -> None:
+        was_up = False
+        while True:
+            try:
+                self._send(p.HEARTBEAT, {})
+            except BrokerError:
+                pass
+            await asyncio.sleep(self.heartbeat_interval)
+            up = self.broker_up
+            if was_up and not up:
+                log.warning("lost the broker at %s; failing %d requests in flight", self.address, len(self.streams))
+                self._fail_all(BrokerError(503, "broker_unavailable", "lost contact with the broker"))
+            elif up and not was_up:
+                log.info("in contact with the broker at %s", self.address)
+            was_up = up
+
+    def _fail_all(self, error: BrokerError) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.events.put_nowait(Event("error", error=error))
+
+
+def fetch_status(address: str, timeout: float = 3.0) -> dict:
+    """The broker's STATUS, from outside an event loop (the CLI, `serve`)."""
+    async def ask() -> dict:
+        client = BrokerClient(address)
+        await client.start()
+        try:
+            if not await client.wait_for_broker(timeout):
+                raise BrokerError(503, "broker_unavailable", f"no broker answers at {address}")
+            return await client.status(timeout)
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())

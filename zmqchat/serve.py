@@ -1,0 +1,126 @@
+"""`zmqchat serve`: a broker, N workers and an API frontend on one machine, in one command.
+
+Each part runs as its own process (the same ones `zmqchat broker|worker|api` start), so a
+crash stays where it happened and the parts behave as they would across machines. The model
+is resolved (and a GGUF converted) once here, before the workers start, so N workers never
+convert at once. Ctrl-C or SIGTERM stops every part, frontend first, then workers, then broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from zmqchat.client import BrokerError, fetch_status
+
+log = logging.getLogger("zmqchat.serve")
+
+STOP_GRACE = 10.0  # seconds a part gets to stop on SIGTERM before it is killed
+READY_POLL = 0.5  # seconds between checks that the workers have joined
+
+
+@dataclass
+class ServeConfig:
+    model_path: str | None = None
+    model_name: str | None = None
+    workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    policy: str = "shortest-queue"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int | None = None
+    api_keys: tuple[str, ...] = ()
+    fake: bool = False
+    fake_delay: float | None = None
+    ready_timeout: float = 600.0
+    log_level: str = "info"
+
+
+def part_commands(config: ServeConfig, model_path: str | None, model_name: str) -> list[list[str]]:
+    """The command line of each part: broker, workers, then API."""
+    zmqchat = [sys.executable, "-m", "zmqchat", "--log-level", config.log_level]
+    broker = [*zmqchat, "broker", "--frontend", config.frontend, "--backend", config.backend,
+              "--policy", config.policy]
+    worker = [*zmqchat, "worker", "--broker", config.backend, "--model-name", model_name,
+              "--device", config.device, "--dtype", config.dtype]
+    if model_path:
+        worker.insert(len(zmqchat) + 1, model_path)
+    if config.max_batch:
+        worker += ["--max-batch", str(config.max_batch)]
+    if config.fake:
+        worker += ["--fake"] + (["--fake-delay", str(config.fake_delay)] if config.fake_delay is not None else [])
+    api = [*zmqchat, "api", "--host", config.host, "--port", str(config.port), "--broker", config.frontend]
+    for key in config.api_keys:
+        api += ["--api-key", key]
+    return [broker] + [worker] * config.workers + [api]
+
+
+def run(config: ServeConfig) -> int:
+    if config.fake:
+        model_path, model_name = None, config.model_name or "fake"
+    else:
+        from zmqchat import models
+
+        model_path, model_name = models.resolve(config.model_path, config.model_name)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    parts = [subprocess.Popen(cmd) for cmd in part_commands(config, model_path, model_name)]
+    try:
+        if not wait_until_ready(config, model_name, parts, stopping):
+            return 1 if not stopping else 0
+        url = f"http://{config.host}:{config.port}"
+        print(f"zmqchat is serving {model_name} with {config.workers} worker(s): "
+              f"OpenAI API at {url}/v1 (try: curl {url}/v1/models). Ctrl-C stops.", flush=True)
+        while not stopping:
+            if any(part.poll() is not None for part in parts):
+                log.error("a part of the cluster exited (%s); stopping the rest",
+                          ", ".join(f"pid {p.pid}: {p.returncode}" for p in parts if p.returncode is not None))
+                return 1
+            time.sleep(READY_POLL)
+        return 0
+    finally:
+        stop_parts(parts)
+
+
+def wait_until_ready(config: ServeConfig, model_name: str, parts: list, stopping: list) -> bool:
+    deadline = time.monotonic() + config.ready_timeout
+    joined = -1
+    while not stopping and time.monotonic() < deadline:
+        if any(part.poll() is not None for part in parts):
+            log.error("a part of the cluster exited during start-up")
+            return False
+        try:
+            model = fetch_status(config.frontend, timeout=1.0)["models"].get(model_name)
+        except BrokerError:
+            model = None
+        now_joined = model["workers"] if model else 0
+        if now_joined != joined:
+            joined = now_joined
+            print(f"waiting for workers to load {model_name}: {joined}/{config.workers} ready", flush=True)
+        if joined >= config.workers:
+            return True
+        time.sleep(READY_POLL)
+    if not stopping:
+        log.error("the workers were not ready within %.0f s", config.ready_timeout)
+    return False
+
+
+def stop_parts(parts: list[subprocess.Popen]) -> None:
+    for part in reversed(parts):  # frontend first, broker last
+        if part.poll() is None:
+            part.terminate()
+    deadline = time.monotonic() + STOP_GRACE
+    for part in parts:
+        try:
+            part.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            part.kill()
+            part.wait()
