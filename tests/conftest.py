@@ -128,5 +128,13 @@ def cluster(tmp_path):
     c.stop()
 
 
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory):
+    """One cluster shared by a module's tests that only read from it."""
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()
+
+
 def chat(model: str = "fake", content: str = "hello there world", **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}

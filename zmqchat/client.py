@@ -74,7 +74,6 @@ class BrokerClient:
         self.last_heard = 0.0
         self.context = zmq.asyncio.Context.instance()
         self.socket: zmq.asyncio.Socket | None = None
-        self.sender: zmq.Socket | None = None
         self.tasks: list[asyncio.Task] = []
 
     @property
@@ -89,9 +88,6 @@ class BrokerClient:
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         self.socket.connect(self.address)
-        # Sends go through a plain shadow of the same socket, so that a refused
-        # non-blocking send raises here instead of inside a Future nobody awaits.
-        self.sender = zmq.Socket.shadow(self.socket.underlying)
         self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeat())]
 
     async def wait_for_broker(self, timeout: float) -> bool:
@@ -107,10 +103,11 @@ class BrokerClient:
         self.socket.close()
 
     def _send(self, command: bytes, body) -> None:
-        try:
-            self.sender.send_multipart(p.encode(command, body), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} is not reachable") from None
+        # A non-blocking send completes at once; its Future holds zmq.Again when no broker
+        # is connected (IMMEDIATE), which becomes a 503 here rather than a queued message.
+        sent = self.socket.send_multipart(p.encode(command, body), flags=zmq.NOBLOCK)
+        if sent.done() and sent.exception() is not None:
+            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} is not reachable")
 
     # -- requests -----------------------------------------------------------------------------
 

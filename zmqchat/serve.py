@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 from zmqchat.client import BrokerError, fetch_status
@@ -105,12 +106,20 @@ def wait_until_ready(config: ServeConfig, model_name: str, parts: list, stopping
         if now_joined != joined:
             joined = now_joined
             print(f"waiting for workers to load {model_name}: {joined}/{config.workers} ready", flush=True)
-        if joined >= config.workers:
+        if joined >= config.workers and api_answers(config):
             return True
         time.sleep(READY_POLL)
     if not stopping:
         log.error("the workers were not ready within %.0f s", config.ready_timeout)
     return False
+
+
+def api_answers(config: ServeConfig) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{config.host}:{config.port}/health", timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def stop_parts(parts: list[subprocess.Popen]) -> None:

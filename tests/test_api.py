@@ -1,0 +1,178 @@
+"""The OpenAI API over a real broker and fake-engine workers: responses, streams, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from conftest import chat, wait_for
+
+LONG = " ".join(f"w{i}" for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def api(module_cluster):
+    """Broker, one fast fake worker and the API; returns an HTTP client on the API."""
+    module_cluster.broker()
+    module_cluster.worker("--fake-delay", "0.005")
+    module_cluster.api()
+    with httpx.Client(base_url=module_cluster.url, timeout=30) as client:
+        yield client
+
+
+def sse_events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_chat_completion(api):
+    body = api.post("/v1/chat/completions", json=chat(content="hello there world")).json()
+    assert body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "hello there world"}
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 3
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_stream_follows_openai_chunk_format(api):
+    with api.stream("POST", "/v1/chat/completions",
+                    json=chat(content="one two three four", stream=True,
+                              stream_options={"include_usage": True})) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    with_choices = [c for c in chunks if c["choices"]]
+    finishes = [c["choices"][0]["finish_reason"] for c in with_choices if c["choices"][0]["finish_reason"]]
+    assert finishes == ["stop"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in with_choices)
+    assert text == "one two three four"
+    usage = chunks[-1]["usage"]  # include_usage: a last chunk with no choices carries usage
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 4
+
+
+def test_max_tokens_ends_with_length(api):
+    body = api.post("/v1/chat/completions", json=chat(content=LONG, max_tokens=3)).json()
+    assert body["choices"][0]["message"]["content"] == "w0 w1 w2 "
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+def test_stop_string_ends_the_reply_and_is_not_echoed(api):
+    body = api.post("/v1/chat/completions", json=chat(content="alpha beta gamma delta", stop=["gam"])).json()
+    assert body["choices"][0]["message"]["content"] == "alpha beta "
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("payload,param", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": "fake", "messages": []}, "messages"),
+    ({"model": "fake", "messages": "hi"}, "messages"),
+    ({"model": "fake", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "fake", "messages": [{"role": "user"}]}, "messages.0.content"),
+    (chat(temperature="hot"), "temperature"),
+    (chat(temperature=5), "temperature"),
+    (chat(top_p=0), "top_p"),
+    (chat(max_tokens=0), "max_tokens"),
+    (chat(max_tokens=-5), "max_tokens"),
+    (chat(n=3), "n"),
+    (chat(tools=[{"type": "function"}]), "tools"),
+    (chat(stream="yes please"), "stream"),
+])
+def test_invalid_requests_get_400_in_openai_shape(api, payload, param):
+    assert_openai_error(api.post("/v1/chat/completions", json=payload), 400, param)
+
+
+def test_malformed_json_gets_400(api):
+    response = api.post("/v1/chat/completions", content=b'{"model": "fake", "messages": [',
+                        headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+def test_unknown_model_gets_404(api):
+    error = assert_openai_error(api.post("/v1/chat/completions", json=chat(model="gpt-9")), 404, "model")
+    assert "gpt-9" in error["message"] and "fake" in error["message"]
+
+
+def test_unknown_route_gets_404_in_openai_shape(api):
+    assert_openai_error(api.get("/v1/nothing-here"), 404)
+
+
+def test_models_lists_what_workers_serve(api):
+    body = api.get("/v1/models").json()
+    assert [m["id"] for m in body["data"]] == ["fake"]
+
+
+def test_no_worker_gets_503_with_retry_after(cluster):
+    cluster.broker()
+    cluster.api()
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(), timeout=10)
+    assert_openai_error(response, 503)
+    assert response.headers["retry-after"]
+
+
+def test_no_broker_gets_503_at_once(cluster):
+    cluster.api()  # its broker address has nobody behind it
+    started = time.monotonic()
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(), timeout=10)
+    assert_openai_error(response, 503)
+    assert time.monotonic() - started < 2.0
+
+
+def test_deadline_gets_504(cluster):
+    cluster.broker()
+    cluster.worker("--fake-delay", "0.5")
+    cluster.api("--timeout", "1")
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(content=LONG), timeout=10)
+    error = assert_openai_error(response, 504)
+    assert "deadline" in error["message"]
+
+
+def test_api_keys_guard_every_v1_route_but_not_health(cluster):
+    cluster.broker()
+    cluster.worker()
+    cluster.api("--api-key", "sesame")
+    url = cluster.url
+    assert_openai_error(httpx.get(f"{url}/v1/models"), 401)
+    assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=chat(),
+                                   headers={"Authorization": "Bearer wrong"}), 401)
+    ok = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer sesame"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_client_leaving_mid_stream_cancels_the_job_and_frees_the_slot(cluster):
+    cluster.broker()
+    cluster.worker("--fake-delay", "0.1", "--max-batch", "1")
+    cluster.api()
+    free = lambda: cluster.status()["models"]["fake"]["free"]  # noqa: E731
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json=chat(content=LONG, stream=True)) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert free() == 0
+        # Closing the stream closes the connection; the 200-word reply would take 20 s.
+        wait_for(lambda: free() == 1, 3.0, "the cancelled job's slot to be free")
+        body = client.post("/v1/chat/completions", json=chat(content="still serving")).json()
+        assert body["choices"][0]["message"]["content"] == "still serving"

@@ -1,0 +1,87 @@
+"""Whole clusters of real processes on the fake engine: load spread, serve, status."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+from conftest import chat, free_port, wait_for
+
+from zmqchat.policy import POLICIES
+
+
+def load(url: str, requests: int, concurrency: int) -> list[str]:
+    def one(i: int) -> str:
+        response = httpx.post(f"{url}/v1/chat/completions", json=chat(content=f"request {i} of the load"),
+                              timeout=60)
+        response.raise_for_status()
+        return response.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(requests)))
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_two_workers_both_get_work_under_every_policy(cluster, policy):
+    cluster.broker("--policy", policy)
+    cluster.worker("--fake-delay", "0.02", "--max-batch", "4")
+    cluster.worker("--fake-delay", "0.02", "--max-batch", "4")
+    cluster.api()
+    answers = load(cluster.url, requests=48, concurrency=8)
+    assert answers == [f"request {i} of the load" for i in range(48)]
+    report = cluster.status()
+    done = {w["worker_id"]: w["done"] for w in report["workers"]}
+    print(f"{policy}: jobs per worker {sorted(done.values())}")
+    assert len(done) == 2 and sum(done.values()) == 48
+    assert min(done.values()) >= 8, f"{policy} starved a worker: {done}"
+    assert report["models"]["fake"] == {"workers": 2, "slots": 8, "free": 8, "queued": 0}
+
+
+def test_shortest_queue_spreads_even_one_request_at_a_time(cluster):
+    # FastChat's SHORTEST_QUEUE sends every request to worker 0 while the cluster is idle.
+    cluster.broker()
+    cluster.worker()
+    cluster.worker()
+    cluster.api()
+    load(cluster.url, requests=10, concurrency=1)
+    assert sorted(w["done"] for w in cluster.status()["workers"]) == [5, 5]
+
+
+def test_status_command_prints_a_table_and_json(cluster):
+    cluster.broker()
+    cluster.worker("--model-name", "echo", "--max-batch", "3")
+    zmqchat = [sys.executable, "-m", "zmqchat", "status", "--broker", cluster.frontend]
+    table = subprocess.run(zmqchat, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "WORKER" in table and "QUEUED" in table and "echo" in table
+    report = json.loads(subprocess.run([*zmqchat, "--json"], capture_output=True, text=True, timeout=30,
+                                       check=True).stdout)
+    assert report["models"]["echo"] == {"workers": 1, "slots": 3, "free": 3, "queued": 0}
+    assert report["workers"][0]["device"] == "fake"
+
+
+def test_status_without_a_broker_fails_clearly(cluster):
+    result = subprocess.run([sys.executable, "-m", "zmqchat", "status", "--broker", cluster.frontend],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "no broker answers" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_runs_everything_and_stops_everything(cluster, sig):
+    port = free_port()
+    serve = cluster.spawn("serve", "serve", "--fake", "--workers", "2", "--port", str(port),
+                          "--frontend", cluster.frontend, "--backend", cluster.backend)
+    wait_for(lambda: "is serving" in serve.output() or serve.process.poll() is not None, 60, "serve to be ready")
+    children = psutil.Process(serve.process.pid).children(recursive=True)
+    assert len(children) == 4  # broker, two workers, API
+    body = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat(), timeout=10).json()
+    assert body["choices"][0]["message"]["content"] == "hello there world"
+    assert serve.stop(sig, timeout=30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"left running: {alive}"
