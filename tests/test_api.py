@@ -48,7 +48,7 @@ def test_chat_completion(api):
     assert choice["message"] == {"role": "assistant", "content": "hello there world"}
     assert choice["finish_reason"] == "stop"
     usage = body["usage"]
-    assert usage["completion_tokens"] == 3
+    assert usage["completion_tokens"] == 4  # three words and the end-of-sequence token
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -69,7 +69,7 @@ def test_stream_follows_openai_chunk_format(api):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in with_choices)
     assert text == "one two three four"
     usage = chunks[-1]["usage"]  # include_usage: a last chunk with no choices carries usage
-    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 4
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 5
 
 
 def test_max_tokens_ends_with_length(api):

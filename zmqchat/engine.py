@@ -153,10 +153,10 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> str:
         """Add one sampled token; the text that may be sent now."""
+        seq.output_ids.append(token)  # counted in usage even when it ends the sequence, as vLLM does
         if token in self.stop_token_ids:
             seq.finish_reason = "stop"
             return self._flush(seq)
-        seq.output_ids.append(token)
         seq.text += self._detokenize(seq)
         stop_at = self._find_stop(seq)
         if stop_at >= 0:

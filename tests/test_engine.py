@@ -1,0 +1,137 @@
+"""The engine in-process: sequence bookkeeping on the fake model, generation on the real one."""
+
+from __future__ import annotations
+
+import pytest
+
+from zmqchat.engine import FakeEngine, HFEngine, RequestError, SamplingParams
+
+
+def job(job_id: str, content: str, **params) -> dict:
+    return {"id": job_id, "messages": [{"role": "user", "content": content}], "params": params}
+
+
+def run_to_end(engine, max_steps: int = 500) -> dict[str, dict]:
+    """Step until idle; per id, the streamed text, the finish reason and the token counts."""
+    results: dict[str, dict] = {}
+    for _ in range(max_steps):
+        if not engine.running:
+            return results
+        chunks, dones = engine.step()
+        for job_id, text in chunks:
+            results.setdefault(job_id, {"text": ""})["text"] += text
+        for job_id, text, reason, prompt_tokens, completion_tokens in dones:
+            r = results.setdefault(job_id, {"text": ""})
+            r.update(text=r["text"] + text, reason=reason, usage=(prompt_tokens, completion_tokens))
+    raise AssertionError("the engine never went idle")
+
+
+# -- shared sequence logic, on the fake model ---------------------------------------------------
+
+def test_sequences_join_and_leave_a_running_batch():
+    engine = FakeEngine()
+    engine.add(job("long", "a b c d e f"))
+    engine.step()
+    engine.step()
+    engine.add(job("short", "x y"))  # joins while "long" is mid-way
+    chunks, _ = engine.step()
+    assert [c[0] for c in chunks] == ["long", "short"]
+    _, dones = engine.step()
+    assert [d[0] for d in dones] == []
+    _, dones = engine.step()  # "short" has said both words: its end-of-sequence step
+    assert [d[0] for d in dones] == ["short"] and list(engine.running) == ["long"]
+    assert run_to_end(engine)["long"]["text"] == "f"  # five steps said a..e
+
+
+def test_stop_string_split_across_tokens_is_never_sent():
+    engine = FakeEngine()
+    engine.add(job("s", "one two END three", stop=["two EN"]))
+    result = run_to_end(engine)["s"]
+    assert result == {"text": "one ", "reason": "stop", "usage": (4, 3)}
+
+
+def test_text_that_only_looks_like_a_stop_string_is_released():
+    engine = FakeEngine()
+    engine.add(job("s", "tw two- tw", stop=["two-x"]))
+    assert run_to_end(engine)["s"]["text"] == "tw two- tw"
+
+
+def test_max_tokens_gives_length():
+    engine = FakeEngine()
+    engine.add(job("m", "a b c d", max_tokens=2))
+    assert run_to_end(engine)["m"] == {"text": "a b ", "reason": "length", "usage": (4, 2)}
+
+
+def test_cancel_removes_the_sequence_and_confirms():
+    engine = FakeEngine()
+    engine.add(job("c", "a b c"))
+    engine.step()
+    assert engine.cancel("c") == ["c", "", "cancelled", 3, 1]
+    assert not engine.running and engine.cancel("c") is None
+
+
+def test_prompt_beyond_the_context_window_is_refused():
+    engine = FakeEngine(context_window=4)
+    with pytest.raises(RequestError, match="context window is 4 tokens"):
+        engine.add(job("big", "one two three four five"))
+
+
+def test_a_full_engine_refuses_more_work():
+    engine = FakeEngine(slots=1)
+    engine.add(job("a", "x"))
+    with pytest.raises(RequestError) as info:
+        engine.add(job("b", "y"))
+    assert info.value.status == 503
+
+
+@pytest.mark.parametrize("params", [{"temperature": "hot"}, {"temperature": 9}, {"top_p": 0},
+                                    {"max_tokens": 0}, {"temperature": float("nan")}])
+def test_bad_sampling_parameters_are_refused(params):
+    with pytest.raises(RequestError):
+        SamplingParams.from_wire(params)
+
+
+# -- the real default model -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol():
+    from zmqchat import models
+
+    return HFEngine(models.load(device="cpu"), slots=4)
+
+
+def test_default_model_knows_the_capital_of_france(smol):
+    smol.add(job("q", "What is the capital of France?", temperature=0, max_tokens=20))
+    result = run_to_end(smol)["q"]
+    assert "Paris" in result["text"] and result["reason"] == "stop"
+    assert result["usage"][1] == len(smol.tokenizer(result["text"]).input_ids) + 1  # + end of turn
+
+
+def test_interleaved_greedy_generation_matches_one_at_a_time(smol):
+    prompts = {"a": "Name three colours.", "b": "What is 2+2?", "c": "Say hello in French."}
+    alone = {}
+    for job_id, prompt in prompts.items():
+        smol.add(job(job_id, prompt, temperature=0, max_tokens=12))
+        alone.update(run_to_end(smol))
+    for job_id, prompt in prompts.items():
+        smol.add(job(job_id, prompt, temperature=0, max_tokens=12))
+    assert run_to_end(smol) == alone
+
+
+def test_seed_makes_sampling_repeatable(smol):
+    texts = []
+    for seed in (7, 7, 8):
+        smol.add(job("s", "Write a word.", temperature=1.0, top_p=0.9, seed=seed, max_tokens=8))
+        texts.append(run_to_end(smol)["s"]["text"])
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("text", ["巴黎是法国的首都。", "Paris 🇫🇷 is lovely 😀👍", "naïve café — déjà vu"])
+def test_streamed_text_is_exact_across_multibyte_characters(smol, text):
+    from zmqchat.engine import Sequence
+
+    ids = smol.tokenizer(text, add_special_tokens=False).input_ids
+    seq = Sequence("x", [1], SamplingParams(), max_tokens=len(ids) + 1)
+    pieces = [smol._append(seq, token) for token in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + smol._flush(seq) == text
