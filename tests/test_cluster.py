@@ -85,3 +85,32 @@ def test_serve_runs_everything_and_stops_everything(cluster, sig):
     assert serve.stop(sig, timeout=30) == 0
     gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"left running: {alive}"
+
+
+def test_bench_reports_every_level_as_a_table_and_json(cluster, tmp_path):
+    cluster.broker()
+    cluster.worker("--fake-delay", "0.01")
+    cluster.api()
+    report_path = tmp_path / "bench.json"
+    out = subprocess.run([sys.executable, "-m", "zmqchat", "bench", "--base-url", f"{cluster.url}/v1",
+                          "--model", "fake", "--concurrency", "1,4", "--requests", "8", "--max-tokens", "5",
+                          "--output", str(report_path)], capture_output=True, text=True, timeout=120, check=True)
+    assert "out tok/s" in out.stdout and "ttft p50" in out.stdout
+    levels = json.loads(report_path.read_text())["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    for level in levels:
+        assert level["requests"] == 8 and level["failures"] == 0, level["errors"]
+        assert level["output_tokens_per_s"] > 0 and level["ttft_p50_s"] > 0 and level["itl_p50_s"] > 0
+    assert sum(w["done"] for w in cluster.status()["workers"]) == 16
+
+
+def test_bench_counts_failures_with_their_reason(cluster, tmp_path):
+    cluster.broker()
+    cluster.worker()
+    cluster.api()
+    report_path = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "zmqchat", "bench", "--base-url", f"{cluster.url}/v1",
+                    "--model", "no-such-model", "--concurrency", "2", "--requests", "4",
+                    "--output", str(report_path)], capture_output=True, text=True, timeout=120, check=True)
+    level = json.loads(report_path.read_text())["levels"][0]
+    assert level["failures"] == 4 and "404" in level["errors"][0]

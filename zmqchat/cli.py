@@ -156,6 +156,28 @@ def format_status(report: dict) -> str:
     return f"policy: {report['policy']}\n" + "\n".join(lines)
 
 
+@main.command()
+@click.option("--base-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+@click.option("--model", required=True, help="Model name to request.")
+@click.option("--concurrency", default="1,8", help="Comma-separated concurrency levels.")
+@click.option("--requests", type=click.IntRange(1), default=None,
+              help="Requests per level [default: 4 x concurrency, at least 8].")
+@click.option("--max-tokens", type=click.IntRange(1), default=64)
+@click.option("--stream/--no-stream", default=True, help="Stream responses (needed for TTFT and ITL).")
+@click.option("--api-key", default=None, help="Bearer key, if the server wants one.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
+def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, output) -> None:
+    """Load an OpenAI-compatible server and report throughput and latencies."""
+    from zmqchat import bench as role
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter("use comma-separated integers, e.g. 1,8,16", param_hint="--concurrency") from None
+    role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=levels, requests=requests,
+                              max_tokens=max_tokens, stream=stream, api_key=api_key, output=output))
+
+
 @main.command("prepare-model")
 @click.argument("model_path", required=False)
 def prepare_model(model_path: str | None) -> None:

@@ -1,0 +1,189 @@
+"""`zmqchat bench`: load for any OpenAI-compatible server (zmqchat, FastChat, vLLM), measured.
+
+For each concurrency level it keeps that many chat requests in flight, drawn in turn from a
+fixed built-in prompt set, until `requests` have been sent; then it reports requests/s,
+output tokens/s, end-to-end latency, time to first token and inter-token latency (p50 and
+p99), and failures. Output tokens are the server's own `usage.completion_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about the sea.",
+    "List three uses of a paperclip.",
+    "What is 17 times 23? Show your working.",
+    "Describe a cat to someone who has never seen one.",
+    "Give me a short recipe for pancakes.",
+    "What are the planets of the solar system?",
+    "Translate 'good morning' into Spanish, French and German.",
+    "Why do leaves change colour in autumn?",
+    "Write a limerick about a programmer.",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a small bakery.",
+    "How does a bicycle stay upright?",
+    "Summarise the story of Cinderella in three sentences.",
+    "What should I pack for a weekend of hiking?",
+]
+
+
+@dataclass
+class BenchConfig:
+    base_url: str
+    model: str
+    concurrency: list[int] = field(default_factory=lambda: [1, 8])
+    requests: int | None = None  # per level; default 4 x concurrency, at least 8
+    max_tokens: int = 64
+    stream: bool = True
+    api_key: str | None = None
+    timeout: float = 600.0
+    output: str | None = None
+
+
+@dataclass
+class Result:
+    ok: bool
+    latency: float
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class LevelReport:
+    concurrency: int
+    requests: int
+    failures: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    latency_p50_s: float | None
+    latency_p99_s: float | None
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    itl_p50_s: float | None
+    itl_p99_s: float | None
+    errors: list[str]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+async def one_request(client: httpx.AsyncClient, config: BenchConfig, prompt: str) -> Result:
+    body = {"model": config.model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": config.max_tokens, "stream": config.stream}
+    if config.stream:
+        body["stream_options"] = {"include_usage": True}
+    started = time.perf_counter()
+    try:
+        if not config.stream:
+            response = await client.post("/chat/completions", json=body)
+            if response.status_code != 200:
+                return Result(False, time.perf_counter() - started, error=f"{response.status_code} {response.text[:200]}")
+            return Result(True, time.perf_counter() - started,
+                          output_tokens=response.json()["usage"]["completion_tokens"])
+        return await read_stream(client, body, started)
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        return Result(False, time.perf_counter() - started, error=repr(exc)[:200])
+
+
+async def read_stream(client: httpx.AsyncClient, body: dict, started: float) -> Result:
+    result = Result(True, 0.0)
+    last = None
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            return Result(False, time.perf_counter() - started, error=f"{response.status_code} {text[:200]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return Result(False, time.perf_counter() - started, error=str(chunk["error"])[:200])
+            if chunk.get("usage"):
+                result.output_tokens = chunk["usage"]["completion_tokens"]
+            if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft = now - started
+                else:
+                    result.gaps.append(now - last)
+                last = now
+    result.latency = time.perf_counter() - started
+    return result
+
+
+async def run_level(config: BenchConfig, concurrency: int) -> LevelReport:
+    total = config.requests or max(8, 4 * concurrency)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    results: list[Result] = []
+    next_index = 0
+
+    async def user(client: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < total:
+            prompt = PROMPTS[next_index % len(PROMPTS)]
+            next_index += 1
+            results.append(await one_request(client, config, prompt))
+
+    async with httpx.AsyncClient(base_url=config.base_url.rstrip("/"), headers=headers, limits=limits,
+                                 timeout=config.timeout) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(user(client) for _ in range(concurrency)))
+        duration = time.perf_counter() - started
+    ok = [r for r in results if r.ok]
+    latencies = [r.latency for r in ok]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    gaps = [g for r in ok for g in r.gaps]
+    return LevelReport(
+        concurrency=concurrency, requests=total, failures=total - len(ok), duration_s=round(duration, 3),
+        requests_per_s=len(ok) / duration, output_tokens_per_s=sum(r.output_tokens for r in ok) / duration,
+        latency_p50_s=percentile(latencies, 50), latency_p99_s=percentile(latencies, 99),
+        ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
+        itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99),
+        errors=sorted({r.error for r in results if not r.ok})[:5],
+    )
+
+
+def format_table(reports: list[LevelReport]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    rows = [("conc", "reqs", "fail", "req/s", "out tok/s", "lat p50", "lat p99", "ttft p50", "ttft p99",
+             "itl p50", "itl p99")]
+    for r in reports:
+        rows.append((str(r.concurrency), str(r.requests), str(r.failures), f"{r.requests_per_s:.2f}",
+                     f"{r.output_tokens_per_s:.1f}", ms(r.latency_p50_s), ms(r.latency_p99_s),
+                     ms(r.ttft_p50_s), ms(r.ttft_p99_s), ms(r.itl_p50_s), ms(r.itl_p99_s)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines) + "\n(latencies in ms)"
+
+
+def run(config: BenchConfig) -> list[LevelReport]:
+    reports = []
+    for concurrency in config.concurrency:
+        print(f"concurrency {concurrency}: running...", flush=True)
+        reports.append(asyncio.run(run_level(config, concurrency)))
+    print(format_table(reports))
+    if config.output:
+        with open(config.output, "w") as out:
+            json.dump({"config": asdict(config), "levels": [asdict(r) for r in reports]}, out, indent=2)
+        print(f"wrote {config.output}")
+    return reports
