@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -177,6 +178,7 @@ def format_table(reports: list[LevelReport]) -> str:
 
 
 def run(config: BenchConfig) -> list[LevelReport]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     reports = []
     for concurrency in config.concurrency:
         print(f"concurrency {concurrency}: running...", flush=True)
