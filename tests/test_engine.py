@@ -15,7 +15,7 @@ def run_to_end(engine, max_steps: int = 500) -> dict[str, dict]:
     """Step until idle; per id, the streamed text, the finish reason and the token counts."""
     results: dict[str, dict] = {}
     for _ in range(max_steps):
-        if not engine.running:
+        if not engine.sequences:
             return results
         chunks, dones = engine.step()
         for job_id, text in chunks:
@@ -39,7 +39,7 @@ def test_sequences_join_and_leave_a_running_batch():
     _, dones = engine.step()
     assert [d[0] for d in dones] == []
     _, dones = engine.step()  # "short" has said both words: its end-of-sequence step
-    assert [d[0] for d in dones] == ["short"] and list(engine.running) == ["long"]
+    assert [d[0] for d in dones] == ["short"] and list(engine.sequences) == ["long"]
     assert run_to_end(engine)["long"]["text"] == "f"  # five steps said a..e
 
 
@@ -67,7 +67,7 @@ def test_cancel_removes_the_sequence_and_confirms():
     engine.add(job("c", "a b c"))
     engine.step()
     assert engine.cancel("c") == ["c", "", "cancelled", 3, 1]
-    assert not engine.running and engine.cancel("c") is None
+    assert not engine.sequences and engine.cancel("c") is None
 
 
 def test_prompt_beyond_the_context_window_is_refused():
@@ -135,3 +135,43 @@ def test_streamed_text_is_exact_across_multibyte_characters(smol, text):
     pieces = [smol._append(seq, token) for token in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + smol._flush(seq) == text
+
+
+def test_sequences_joining_a_running_batch_generate_what_they_would_alone(smol):
+    prompts = ["Name three colours.", "What is 2+2?", "Say hello in French.", "Count to five."]
+    alone = {}
+    for i, prompt in enumerate(prompts):
+        smol.add(job(f"q{i}", prompt, temperature=0, max_tokens=10))
+        alone.update(run_to_end(smol))
+    # q0 starts alone; q1 and q2 join after two and four steps; q3 joins as the batch shrinks.
+    results: dict[str, dict] = {}
+    schedule = {0: ["q0"], 2: ["q1"], 4: ["q2"], 9: ["q3"]}
+    batch_sizes = []
+    for step in range(60):
+        for job_id in schedule.get(step, []):
+            smol.add(job(job_id, prompts[int(job_id[1])], temperature=0, max_tokens=10))
+        if not smol.sequences and step > 9:
+            break
+        batch_sizes.append(len(smol.scheduler.running) + len(smol.scheduler.waiting))
+        chunks, dones = smol.step()
+        for job_id, text in chunks:
+            results.setdefault(job_id, {"text": ""})["text"] += text
+        for job_id, text, reason, prompt_tokens, completion_tokens in dones:
+            r = results.setdefault(job_id, {"text": ""})
+            r.update(text=r["text"] + text, reason=reason, usage=(prompt_tokens, completion_tokens))
+    assert max(batch_sizes) >= 3  # they really shared forward passes
+    assert results == alone
+    assert smol.rows == [] and smol.cache is None  # everything left the batch
+
+
+def test_cancelled_sequence_leaves_the_batch_at_the_next_step(smol):
+    smol.add(job("stay", "Tell me a long story.", temperature=0, max_tokens=30))
+    smol.add(job("go", "Tell me another long story.", temperature=0, max_tokens=30))
+    smol.step()
+    assert len(smol.rows) == 2
+    smol.cancel("go")
+    smol.step()
+    assert [s.id for s in smol.rows] == ["stay"] and smol.cache.layers[0].keys.shape[0] == 1
+    smol.cancel("stay")
+    smol.step()
+    assert smol.rows == [] and smol.cache is None

@@ -9,6 +9,7 @@ p99), and failures. Output tokens are the server's own `usage.completion_tokens`
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import statistics
@@ -48,6 +49,9 @@ class BenchConfig:
     api_key: str | None = None
     timeout: float = 600.0
     output: str | None = None
+    ceiling: bool = False  # also time the bare model in this process, after the load
+    ceiling_model: str | None = None  # default: the embedded default model
+    ceiling_device: str = "auto"
 
 
 @dataclass
@@ -177,15 +181,84 @@ def format_table(reports: list[LevelReport]) -> str:
     return "\n".join(lines) + "\n(latencies in ms)"
 
 
-def run(config: BenchConfig) -> list[LevelReport]:
+def measure_ceiling(model_path: str | None, batch: int, max_tokens: int, device: str = "auto") -> dict:
+    """What the bare model does with no serving around it: the mean prefill time of one
+    prompt (the floor for time to first token) and a plain batched greedy decode loop at
+    `batch` over the same prompts (the ceiling for output tokens/s)."""
+    import torch
+    from transformers import DynamicCache
+
+    from zmqchat import models
+
+    loaded = models.load(model_path, device=device)
+    model, tokenizer, dev = loaded.model, loaded.tokenizer, loaded.device
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                       add_generation_prompt=True), add_special_tokens=False).input_ids
+               for p in PROMPTS]
+
+    def forward(ids, mask, cache):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def sync():
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        prefill_times = []
+        for ids in [prompts[0]] + prompts:  # the first call warms up
+            started = time.perf_counter()
+            forward(torch.tensor([ids], device=dev), torch.ones(1, len(ids), dtype=torch.long, device=dev),
+                    DynamicCache())
+            sync()
+            prefill_times.append(time.perf_counter() - started)
+        rows = [prompts[i % len(prompts)] for i in range(batch)]
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=dev)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+        cache = DynamicCache()
+        token = forward(ids, mask, cache)
+        sync()
+        started = time.perf_counter()
+        for _ in range(max_tokens):
+            mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+            token = forward(token, mask, cache)
+        sync()
+        decode = time.perf_counter() - started
+    return {"model": loaded.name, "device": loaded.description, "batch": batch,
+            "prefill_ms_mean": 1000 * statistics.mean(prefill_times[1:]),
+            "decode_step_ms": 1000 * decode / max_tokens,
+            "decode_tokens_per_s": batch * max_tokens / decode}
+
+
+def run(config: BenchConfig) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     reports = []
     for concurrency in config.concurrency:
         print(f"concurrency {concurrency}: running...", flush=True)
         reports.append(asyncio.run(run_level(config, concurrency)))
     print(format_table(reports))
+    result = {"config": asdict(config), "levels": [asdict(r) for r in reports]}
+    if config.ceiling:
+        batch = max(config.concurrency)
+        print(f"bare model: prefill and batched decode at batch {batch}...", flush=True)
+        ceiling = result["ceiling"] = measure_ceiling(config.ceiling_model, batch, config.max_tokens,
+                                                      config.ceiling_device)
+        print(f"bare model {ceiling['model']} on {ceiling['device']}: prefill {ceiling['prefill_ms_mean']:.0f} ms "
+              f"per prompt; decode at batch {batch}: {ceiling['decode_step_ms']:.0f} ms/step, "
+              f"{ceiling['decode_tokens_per_s']:.1f} tokens/s")
+        top = next(r for r in reports if r.concurrency == batch)
+        print(f"served / bare at {batch} streams: {top.output_tokens_per_s / ceiling['decode_tokens_per_s']:.2f}")
+        single = next((r for r in reports if r.concurrency == 1 and r.ttft_p50_s), None)
+        if single:
+            print(f"TTFT p50 at concurrency 1 minus bare prefill: "
+                  f"{single.ttft_p50_s * 1000 - ceiling['prefill_ms_mean']:+.0f} ms")
+        if len(reports) > 1 and reports[0].concurrency == 1:
+            print(f"served tokens/s at {batch} streams / at 1: {top.output_tokens_per_s / reports[0].output_tokens_per_s:.1f}x")
     if config.output:
         with open(config.output, "w") as out:
-            json.dump({"config": asdict(config), "levels": [asdict(r) for r in reports]}, out, indent=2)
+            json.dump(result, out, indent=2)
         print(f"wrote {config.output}")
-    return reports
+    return result

@@ -29,6 +29,8 @@ dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "f
                             default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
 max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=DEFAULT_SLOTS,
                                 show_default=True, help="Sequences a worker runs at once (its slots).")
+max_tokens_option = click.option("--max-tokens-in-flight", type=click.IntRange(16), default=None,
+                                 help="KV-cache tokens a worker may hold [default: half its free memory].")
 model_name_option = click.option("--model-name", help="Name clients use for the model [default: the folder's name].")
 fake_option = click.option("--fake", is_flag=True, help="Serve a fake engine that echoes the user (tests, benchmarks).")
 fake_delay_option = click.option("--fake-delay", type=float, default=0.02, show_default=True,
@@ -66,16 +68,18 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int) -> None:
 @device_option
 @dtype_option
 @max_batch_option
+@max_tokens_option
 @fake_option
 @fake_delay_option
-def worker(model_path, model_name, broker, device, dtype, max_batch, fake, fake_delay) -> None:
+def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_in_flight, fake, fake_delay) -> None:
     """Run a worker serving MODEL_PATH (a model folder, a hub id or a GGUF file).
 
     With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct."""
     from zmqchat import worker as role
 
     role.run(role.WorkerConfig(model_path=model_path, model_name=model_name, broker=broker, device=device,
-                               dtype=dtype, max_batch=max_batch, fake=fake, fake_delay=fake_delay))
+                               dtype=dtype, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
+                               fake=fake, fake_delay=fake_delay))
 
 
 @main.command()
@@ -106,19 +110,21 @@ def api(obj, host, port, broker, api_keys, request_timeout) -> None:
 @device_option
 @dtype_option
 @max_batch_option
+@max_tokens_option
 @api_key_option
 @fake_option
 @fake_delay_option
 @click.pass_obj
 def serve(obj, model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype,
-          max_batch, api_keys, fake, fake_delay) -> None:
+          max_batch, max_tokens_in_flight, api_keys, fake, fake_delay) -> None:
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
     from zmqchat import serve as role
 
     sys.exit(role.run(role.ServeConfig(
         model_path=model_path, model_name=model_name, workers=workers, host=host, port=port,
         frontend=frontend, backend=backend, policy=policy, device=device, dtype=dtype,
-        max_batch=max_batch, api_keys=tuple(api_keys), fake=fake, fake_delay=fake_delay,
+        max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, api_keys=tuple(api_keys),
+        fake=fake, fake_delay=fake_delay,
         log_level=obj["log_level"])))
 
 
@@ -166,7 +172,12 @@ def format_status(report: dict) -> str:
 @click.option("--stream/--no-stream", default=True, help="Stream responses (needed for TTFT and ITL).")
 @click.option("--api-key", default=None, help="Bearer key, if the server wants one.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
-def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, output) -> None:
+@click.option("--ceiling", is_flag=True, help="Also time the bare model here: prefill, and batched decode "
+              "at the highest concurrency (run it on the server's machine).")
+@click.option("--ceiling-model", default=None, help="Model for --ceiling [default: the embedded default model].")
+@device_option
+def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, output, ceiling, ceiling_model,
+          device) -> None:
     """Load an OpenAI-compatible server and report throughput and latencies."""
     from zmqchat import bench as role
 
@@ -175,7 +186,8 @@ def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, o
     except ValueError:
         raise click.BadParameter("use comma-separated integers, e.g. 1,8,16", param_hint="--concurrency") from None
     role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=levels, requests=requests,
-                              max_tokens=max_tokens, stream=stream, api_key=api_key, output=output))
+                              max_tokens=max_tokens, stream=stream, api_key=api_key, output=output,
+                              ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device))
 
 
 @main.command("prepare-model")

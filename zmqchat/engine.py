@@ -16,9 +16,12 @@ benchmarks of the plumbing.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import time
 from dataclasses import dataclass, field
+
+from zmqchat.scheduler import Scheduler
 
 DEFAULT_SLOTS = 16
 
@@ -79,6 +82,10 @@ class Sequence:
     finish_reason: str | None = None
     state: object = None
 
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.max_tokens
+
     def done_entry(self, delta: str) -> list:
         return [self.id, delta, self.finish_reason, len(self.prompt_ids), len(self.output_ids)]
 
@@ -86,12 +93,14 @@ class Sequence:
 class Engine:
     """Sequence bookkeeping shared by every engine; see the module docstring."""
 
-    def __init__(self, model_name: str, slots: int, context_window: int, stop_token_ids: set[int]):
+    def __init__(self, model_name: str, slots: int, context_window: int, stop_token_ids: set[int],
+                 max_tokens_in_flight: int):
         self.model_name = model_name
         self.slots = slots
         self.context_window = context_window
         self.stop_token_ids = stop_token_ids
-        self.running: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}  # every sequence the engine holds, by id
+        self.scheduler = Scheduler(slots, max_tokens_in_flight)
 
     # -- supplied by the model --------------------------------------------------------------
 
@@ -102,18 +111,20 @@ class Engine:
         raise NotImplementedError
 
     def next_tokens(self, seqs: list[Sequence]) -> list[int]:
-        """One forward step: the next token of each sequence, sampled with its parameters."""
+        """One forward step over the running batch: the next token of each sequence, in
+        order, sampled with its own parameters. Sequences whose `state` is None are new."""
         raise NotImplementedError
 
     def free(self, seq: Sequence) -> None:
+        """`seq` has left the batch: release what the model held for it."""
         seq.state = None
 
     # -- driven by the worker ---------------------------------------------------------------
 
     def add(self, job: dict) -> None:
-        if len(self.running) >= self.slots:
+        if len(self.sequences) >= self.slots:
             raise RequestError("the worker has no free slot", 503, "overloaded")
-        if job["id"] in self.running:
+        if job["id"] in self.sequences:
             raise RequestError(f"request id {job['id']} is already running")
         params = SamplingParams.from_wire(job.get("params") or {})
         prompt_ids = self.encode_prompt(job["messages"])
@@ -122,32 +133,42 @@ class Engine:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context window is "
                 f"{self.context_window} tokens")
-        max_tokens = min(params.max_tokens or room, room)
-        self.running[job["id"]] = Sequence(job["id"], prompt_ids, params, max_tokens)
+        seq = Sequence(job["id"], prompt_ids, params, min(params.max_tokens or room, room))
+        if not self.scheduler.fits_alone(seq):
+            raise RequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({seq.max_tokens}) is more than "
+                f"this worker's {self.scheduler.max_tokens} tokens in flight; ask for fewer max_tokens")
+        self.sequences[seq.id] = seq
+        self.scheduler.add(seq)
 
     def cancel(self, job_id: str) -> list | None:
         """The DONE entry confirming the cancel (so the broker frees the slot), if it ran."""
-        seq = self.running.pop(job_id, None)
+        seq = self.sequences.get(job_id)
         if seq is None:
             return None
-        self.free(seq)
         seq.finish_reason = "cancelled"
+        self._retire(seq)
         return seq.done_entry("")
 
     def step(self) -> tuple[list, list]:
-        seqs = list(self.running.values())
+        self.scheduler.schedule()
+        seqs = list(self.scheduler.running)
         chunks, dones = [], []
         if not seqs:
             return chunks, dones
         for seq, token in zip(seqs, self.next_tokens(seqs)):
             delta = self._append(seq, token)
             if seq.finish_reason:
-                del self.running[seq.id]
-                self.free(seq)
+                self._retire(seq)
                 dones.append(seq.done_entry(delta))
             elif delta:
                 chunks.append([seq.id, delta])
         return chunks, dones
+
+    def _retire(self, seq: Sequence) -> None:
+        del self.sequences[seq.id]
+        self.scheduler.remove(seq)
+        self.free(seq)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -207,21 +228,42 @@ class Engine:
         return delta
 
 
-class HFEngine(Engine):
-    """A transformers causal LM. Each running sequence keeps its own KV cache; a step runs
-    one forward pass per sequence (the continuous-batching engine replaces `next_tokens`)."""
+@dataclass
+class Row:
+    """A sequence's place in the batch: it is in the KV cache; its own sampler, if seeded."""
 
-    def __init__(self, loaded, slots: int = DEFAULT_SLOTS):
+    generator: object = None
+
+
+class HFEngine(Engine):
+    """A transformers causal LM with continuous batching.
+
+    Every running sequence is a row of one left-padded KV cache. A step decodes all rows in
+    one forward pass; sequences admitted this step are prefilled together in a second pass
+    and their cache rows are appended to the batch (both sides padded on the left to the
+    same length). Rows that left are dropped at the start of the next step, and padding
+    columns that no row needs any more are trimmed. Explicit position ids keep every row's
+    positions its own, so a row computes what it would compute alone.
+    """
+
+    def __init__(self, loaded, slots: int = DEFAULT_SLOTS, max_tokens_in_flight: int | None = None):
         import torch
 
         self.torch = torch
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         config = self.model.config
         context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        super().__init__(loaded.name, slots, int(context), self._stop_token_ids())
+        budget = max_tokens_in_flight or default_token_budget(self.model, self.device)
+        super().__init__(loaded.name, slots, int(context), self._stop_token_ids(), budget)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # transformers renamed `past_key_values` to `cache` in 5.x; accept either.
         forward_args = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self.last_logit_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
+        self.rows: list[Sequence] = []  # the batch, in cache row order
+        self.leaving: list[Sequence] = []  # rows to drop before the next forward pass
+        self.cache = None
+        self.mask = None  # [rows, length]: 1 where a row has a real token, 0 for left padding
 
     def _stop_token_ids(self) -> set[int]:
         ids = set()
@@ -243,23 +285,84 @@ class HFEngine(Engine):
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def next_tokens(self, seqs: list[Sequence]) -> list[int]:
-        torch = self.torch
-        tokens = []
-        with torch.inference_mode():
-            for seq in seqs:
-                if seq.state is None:  # prefill
-                    from transformers import DynamicCache
+    def free(self, seq: Sequence) -> None:
+        if seq.state is not None:
+            self.leaving.append(seq)
+            if len(self.leaving) == len(self.rows):  # the batch is empty: release its memory now
+                self._drop_leaving_rows()
+        seq.state = None
 
-                    seq.state = (DynamicCache(), self._generator(seq.params.seed))
-                    ids = seq.prompt_ids
-                else:
-                    ids = seq.output_ids[-1:]
-                cache, generator = seq.state
-                out = self.model(input_ids=torch.tensor([ids], device=self.device),
-                                 use_cache=True, **{self.cache_arg: cache})
-                tokens.append(sample(out.logits[0, -1], seq.params, generator))
-        return tokens
+    def next_tokens(self, seqs: list[Sequence]) -> list[int]:
+        with self.torch.inference_mode():
+            self._drop_leaving_rows()
+            fresh = [s for s in seqs if s.state is None]
+            logits = [self._decode()] if self.rows else []
+            if fresh:
+                logits.append(self._prefill(fresh))
+            batch = self.rows  # old rows first, then the fresh ones _prefill appended
+            tokens = sample_batch(self.torch.cat(logits), [s.params for s in batch],
+                                  [s.state.generator for s in batch])
+        by_seq = {id(s): t for s, t in zip(batch, tokens)}
+        return [by_seq[id(s)] for s in seqs]
+
+    def _forward(self, input_ids, mask, positions, cache):
+        """Logits of each row's last position."""
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_arg: cache}, **self.last_logit_only)
+        return out.logits[:, -1]
+
+    def _decode(self):
+        torch = self.torch
+        last = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
+        self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
+        positions = self.mask.sum(-1, keepdim=True) - 1
+        return self._forward(last, self.mask, positions, self.cache)
+
+    def _prefill(self, fresh: list[Sequence]):
+        from transformers import DynamicCache
+
+        torch = self.torch
+        width = max(len(s.prompt_ids) for s in fresh)
+        ids = torch.tensor([[self.pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in fresh],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in fresh],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        for seq in fresh:
+            seq.state = Row(self._generator(seq.params.seed))
+        self._append_rows(cache, mask, fresh)
+        return logits
+
+    def _append_rows(self, cache, mask, fresh: list[Sequence]) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.rows = cache, mask, list(fresh)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = self.torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = self.torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self.mask = self.torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+        self.rows += fresh
+
+    def _drop_leaving_rows(self) -> None:
+        if not self.leaving:
+            return
+        gone = {id(s) for s in self.leaving}
+        self.leaving = []
+        keep = [i for i, s in enumerate(self.rows) if id(s) not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.mask = None
+            return
+        index = self.torch.tensor(keep, device=self.device)
+        # Columns of padding on every remaining row are dead weight in each attention.
+        trim = int((self.mask[index] == 0).all(0).long().cumprod(0).sum())
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, trim:]
+            layer.values = layer.values[index, :, trim:]
+        self.mask = self.mask[index, trim:]
 
     def _generator(self, seed: int | None):
         if seed is None:
@@ -267,19 +370,58 @@ class HFEngine(Engine):
         return self.torch.Generator(device=self.device).manual_seed(seed)
 
 
-def sample(logits, params: SamplingParams, generator=None) -> int:
-    """Greedy at temperature 0, otherwise nucleus sampling from the tempered distribution."""
+def _pad_left(tensor, width: int):
+    """Left-pad the sequence axis (dim -2 of a KV tensor, dim -1 of a mask) to `width`."""
+    import torch.nn.functional as F
+
+    if tensor.dim() == 2:
+        return F.pad(tensor, (width - tensor.shape[-1], 0))
+    return F.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+
+
+def default_token_budget(model, device: str) -> int:
+    """Tokens of KV cache that fit in half the memory free on `device` after loading."""
     import torch
 
-    if params.temperature < 1e-5:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always).
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p] = 0.0
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    bytes_per_token = 2 * layers * kv_heads * head_dim * model.dtype.itemsize
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1024, int(free * 0.5 / bytes_per_token))
+
+
+GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
+
+
+def sample_batch(logits, params: list[SamplingParams], generators: list) -> list[int]:
+    """The next token of each row: greedy at temperature 0, otherwise nucleus sampling from
+    the tempered distribution, with the row's own generator where it asked for a seed."""
+    import torch
+
+    greedy = logits.argmax(-1)
+    temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
+    if bool((temperatures < GREEDY_BELOW).all()):
+        return greedy.tolist()
+    probs = torch.softmax(logits.float() / temperatures.clamp(min=GREEDY_BELOW)[:, None], dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    if bool((top_p < 1.0).any()):
+        # Keep each row's smallest prefix of likeliest tokens whose mass reaches its top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    sampled = greedy.clone()
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        sampled[shared] = torch.multinomial(probs[shared], 1).squeeze(-1)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            sampled[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+    return torch.where(temperatures < GREEDY_BELOW, greedy, sampled).tolist()
 
 
 class FakeEngine(Engine):
@@ -290,7 +432,7 @@ class FakeEngine(Engine):
 
     def __init__(self, model_name: str = "fake", slots: int = DEFAULT_SLOTS, delay: float = 0.0,
                  context_window: int = 4096):
-        super().__init__(model_name, slots, context_window, {self.EOS})
+        super().__init__(model_name, slots, context_window, {self.EOS}, slots * context_window)
         self.delay = delay
         self.words = ["</s>"]  # token id -> word
         self.ids: dict[str, int] = {}
@@ -313,7 +455,7 @@ class FakeEngine(Engine):
     def add(self, job: dict) -> None:
         super().add(job)
         user = [m for m in job["messages"] if m.get("role") == "user"] or job["messages"]
-        self.running[job["id"]].state = self._tokenize(str(user[-1].get("content", ""))) or [self.EOS]
+        self.sequences[job["id"]].state = self._tokenize(str(user[-1].get("content", ""))) or [self.EOS]
 
     def decode(self, token_ids: list[int]) -> str:
         return "".join(self.words[t] for t in token_ids)

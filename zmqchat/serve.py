@@ -37,6 +37,7 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_batch: int | None = None
+    max_tokens_in_flight: int | None = None
     api_keys: tuple[str, ...] = ()
     fake: bool = False
     fake_delay: float | None = None
@@ -55,6 +56,8 @@ def part_commands(config: ServeConfig, model_path: str | None, model_name: str) 
         worker.insert(len(zmqchat) + 1, model_path)
     if config.max_batch:
         worker += ["--max-batch", str(config.max_batch)]
+    if config.max_tokens_in_flight:
+        worker += ["--max-tokens-in-flight", str(config.max_tokens_in_flight)]
     if config.fake:
         worker += ["--fake"] + (["--fake-delay", str(config.fake_delay)] if config.fake_delay is not None else [])
     api = [*zmqchat, "api", "--host", config.host, "--port", str(config.port), "--broker", config.frontend]

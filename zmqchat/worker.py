@@ -44,6 +44,7 @@ class WorkerConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_batch: int = DEFAULT_SLOTS
+    max_tokens_in_flight: int | None = None  # KV-cache tokens; default: half the free memory
     fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)
     fake_delay: float = 0.02
     heartbeat_interval: float = HEARTBEAT_INTERVAL
@@ -174,7 +175,7 @@ class Worker:
         send = lambda command, body: out.send_multipart(p.encode(command, body))  # noqa: E731
         try:
             while True:
-                commands = self._take_commands(block=not self.engine.running)
+                commands = self._take_commands(block=not self.engine.sequences)
                 if commands is None:
                     return
                 dones = []
@@ -183,8 +184,8 @@ class Worker:
                 try:
                     chunks, finished = self.engine.step()
                 except Exception as exc:
-                    log.exception("engine step failed; failing its %d sequences", len(self.engine.running))
-                    for job_id in list(self.engine.running):
+                    log.exception("engine step failed; failing its %d sequences", len(self.engine.sequences))
+                    for job_id in list(self.engine.sequences):
                         self.engine.cancel(job_id)
                         send(p.ERROR, p.error_body(job_id, 500, "engine_error", f"the engine failed: {exc}"))
                     chunks, finished = [], []
@@ -225,7 +226,7 @@ class Worker:
                 if entry:
                     dones.append(entry)
         elif kind == "reset":
-            for job_id in list(self.engine.running):
+            for job_id in list(self.engine.sequences):
                 self.engine.cancel(job_id)
 
 
@@ -239,7 +240,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     from zmqchat.engine import HFEngine
 
     loaded = models.load(config.model_path, config.model_name, config.device, config.dtype)
-    return HFEngine(loaded, config.max_batch), loaded.description
+    return HFEngine(loaded, config.max_batch, config.max_tokens_in_flight), loaded.description
 
 
 def run(config: WorkerConfig) -> None:
