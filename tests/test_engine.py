@@ -175,3 +175,21 @@ def test_cancelled_sequence_leaves_the_batch_at_the_next_step(smol):
     smol.cancel("stay")
     smol.step()
     assert smol.rows == [] and smol.cache is None
+
+
+def test_batched_greedy_output_matches_transformers_generate(smol):
+    import torch
+
+    prompts = ["What is the capital of France?", "Name a fruit.", "Write one word about the sea.",
+               "用中文说你好"]
+    assert smol.preamble  # the shared preamble's KV is reused: this test covers that path too
+    for i, prompt in enumerate(prompts):
+        smol.add(job(f"p{i}", prompt, temperature=0, max_tokens=16))
+    batched = run_to_end(smol)
+    for i, prompt in enumerate(prompts):
+        ids = smol.encode_prompt([{"role": "user", "content": prompt}])
+        with torch.inference_mode():
+            out = smol.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+        reference = smol.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        # A reply cut by max_tokens mid-character ends without the broken half (U+FFFD).
+        assert batched[f"p{i}"]["text"] == reference.rstrip("\ufffd")

@@ -260,6 +260,8 @@ class HFEngine(Engine):
         forward_args = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self.last_logit_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
+        self.preamble = self._shared_preamble()
+        self.preamble_kv = None  # per layer (keys, values) of the preamble, computed on first use
         self.rows: list[Sequence] = []  # the batch, in cache row order
         self.leaving: list[Sequence] = []  # rows to drop before the next forward pass
         self.cache = None
@@ -284,6 +286,17 @@ class HFEngine(Engine):
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _shared_preamble(self) -> list[int]:
+        """The tokens every conversation opening with a user message starts with (a chat
+        template's default system prompt, say). Their KV is computed once and reused by every
+        prompt that starts with exactly these tokens, which is most of a short prompt's prefill."""
+        try:
+            a, b = (self.encode_prompt([{"role": "user", "content": c}]) for c in ("a", "b"))
+        except RequestError:
+            return []
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:common]
 
     def free(self, seq: Sequence) -> None:
         if seq.state is not None:
@@ -319,21 +332,40 @@ class HFEngine(Engine):
         return self._forward(last, self.mask, positions, self.cache)
 
     def _prefill(self, fresh: list[Sequence]):
+        """Prefill the new sequences together. Each row of their cache is [preamble][padding]
+        [rest of the prompt]; rows whose prompt does not start with the preamble mask it out."""
         from transformers import DynamicCache
 
         torch = self.torch
-        width = max(len(s.prompt_ids) for s in fresh)
-        ids = torch.tensor([[self.pad_id] * (width - len(s.prompt_ids)) + s.prompt_ids for s in fresh],
-                           device=self.device)
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in fresh],
+        n = len(self.preamble)
+        reused = [n > 0 and len(s.prompt_ids) > n and s.prompt_ids[:n] == self.preamble for s in fresh]
+        if not any(reused):
+            n = 0
+        tails = [s.prompt_ids[n:] if r else s.prompt_ids for s, r in zip(fresh, reused)]
+        width = max(map(len, tails))
+        ids = torch.tensor([[self.pad_id] * (width - len(t)) + t for t in tails], device=self.device)
+        mask = torch.tensor([[int(r)] * n + [0] * (width - len(t)) + [1] * len(t) for t, r in zip(tails, reused)],
                             device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
         cache = DynamicCache()
+        if n:
+            for layer, (keys, values) in enumerate(self._preamble_kv()):
+                cache.update(keys.expand(len(fresh), -1, -1, -1), values.expand(len(fresh), -1, -1, -1), layer)
         logits = self._forward(ids, mask, positions, cache)
         for seq in fresh:
             seq.state = Row(self._generator(seq.params.seed))
         self._append_rows(cache, mask, fresh)
         return logits
+
+    def _preamble_kv(self) -> list:
+        if self.preamble_kv is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            ids = self.torch.tensor([self.preamble], device=self.device)
+            self._forward(ids, self.torch.ones_like(ids), None, cache)
+            self.preamble_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return self.preamble_kv
 
     def _append_rows(self, cache, mask, fresh: list[Sequence]) -> None:
         if self.cache is None:
