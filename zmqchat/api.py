@@ -29,6 +29,11 @@ from zmqchat.client import BrokerClient, BrokerError, Stream
 log = logging.getLogger("zmqchat.api")
 
 REQUEST_TIMEOUT = 300.0  # seconds a request may take, end to end, unless configured
+DRAIN_TIMEOUT = 30.0  # seconds open requests get to finish after SIGTERM
+# Idle keep-alive connections are closed after this long. Longer than a client's or load
+# balancer's own idle timeout (60 s is common), so the server never closes a connection a
+# client is just reusing, which the client sees as a reset request.
+KEEP_ALIVE = 75
 
 
 @dataclass
@@ -38,6 +43,7 @@ class APIConfig:
     broker: str = "tcp://127.0.0.1:5555"
     api_keys: tuple[str, ...] = ()
     request_timeout: float = REQUEST_TIMEOUT
+    drain_timeout: float = DRAIN_TIMEOUT
     log_level: str = "info"
 
 
@@ -260,4 +266,6 @@ def _sse(payload: dict) -> str:
 def run(config: APIConfig) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level)
+    # On SIGTERM uvicorn stops accepting connections and lets open ones (streams) finish.
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=config.drain_timeout, timeout_keep_alive=KEEP_ALIVE)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ log = logging.getLogger("zmqchat.broker")
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats, both ways
 HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
+FRONTEND_LIVENESS = 10  # intervals of silence after which a frontend's jobs are cancelled
 MAX_QUEUE = 1024  # jobs waiting per model before new ones are refused
 MAX_TIMEOUT = 3600.0  # longest deadline a request may ask for, in seconds
 DRAIN_BATCH = 256  # messages read from one socket before looking at the other
@@ -59,6 +61,7 @@ class Worker:
     jobs: set[str] = field(default_factory=set)
     dispatched: int = 0
     done: int = 0
+    draining: bool = False  # finishing its jobs; gets no new ones
 
 
 @dataclass(eq=False)
@@ -82,7 +85,11 @@ class Broker:
         self.serving: dict[str, list[Worker]] = defaultdict(list)  # model -> workers, by worker_id
         self.jobs: dict[str, Job] = {}  # every job the broker is responsible for
         self.queues: dict[str, OrderedDict[str, Job]] = defaultdict(OrderedDict)  # not yet dispatched
+        self.frontends: dict[bytes, float] = {}  # identity -> when it counts as gone
         self.running = True
+        # Told to frontends in every HEARTBEAT: a new id means a restarted broker, which
+        # knows nothing of the jobs they had in flight.
+        self.broker_id = uuid.uuid4().hex
         self.context = context or zmq.Context.instance()
         self.frontend = self._bind(config.frontend)
         self.backend = self._bind(config.backend)
@@ -108,12 +115,13 @@ class Broker:
             timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
             if self.frontend in events:
-                self._drain(self.frontend, self.process_frontend)
+                self._read_all(self.frontend, self.process_frontend)
             if self.backend in events:
-                self._drain(self.backend, self.process_worker)
+                self._read_all(self.backend, self.process_worker)
             now = time.monotonic()
             if now >= next_beat:
                 self.purge_workers(now)
+                self.purge_frontends(now)
                 self.expire_queued(now)
                 self.send_heartbeats()
                 next_beat = now + self.config.heartbeat_interval
@@ -126,7 +134,7 @@ class Broker:
         self.frontend.close()
         self.backend.close()
 
-    def _drain(self, socket: zmq.Socket, handle) -> None:
+    def _read_all(self, socket: zmq.Socket, handle) -> None:
         for _ in range(DRAIN_BATCH):
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
@@ -156,12 +164,13 @@ class Broker:
     # -- frontends ----------------------------------------------------------------------------
 
     def process_frontend(self, identity: bytes, command: bytes, body) -> None:
+        self.frontends[identity] = time.monotonic() + self.config.heartbeat_interval * FRONTEND_LIVENESS
         if command == p.SUBMIT:
             self.submit(identity, body)
         elif command == p.CANCEL:
             self.cancel(identity, body["ids"])
         elif command == p.HEARTBEAT:
-            self._send_frontend(identity, p.HEARTBEAT, {})
+            self._send_frontend(identity, p.HEARTBEAT, {"broker_id": self.broker_id})
         elif command == p.STATUS:
             self._send_frontend(identity, p.STATUS, {"token": body.get("token"), **self.status()})
         else:
@@ -206,7 +215,7 @@ class Broker:
         now = time.monotonic()
         workers = [{
             "worker_id": w.worker_id, "models": w.models, "host": w.host, "device": w.device,
-            "slots": w.slots, "free": w.free, "dispatched": w.dispatched, "done": w.done,
+            "slots": w.slots, "free": w.free, "dispatched": w.dispatched, "done": w.done, "draining": w.draining,
             "last_heard": round(self.liveness - (w.expires - now), 3),
         } for w in self.workers.values()]
         models = {}
@@ -222,7 +231,7 @@ class Broker:
         """Hand queued jobs of `model` to workers while any has a free slot."""
         queue = self.queues[model]
         while queue:
-            candidates = [w for w in self.serving[model] if w.free > 0]
+            candidates = [w for w in self.serving[model] if w.free > 0 and not w.draining]
             if not candidates:
                 return
             _, job = queue.popitem(last=False)
@@ -258,8 +267,12 @@ class Broker:
             self.route_outputs(worker, p.DONE, body, finished=True)
         elif command == p.ERROR:
             self.job_failed(worker, body)
+        elif command == p.DISCONNECT and body.get("drain"):
+            worker.draining = True
+            log.info("worker %s is draining: it finishes %d jobs and gets no new ones",
+                     worker.worker_id, len(worker.jobs))
         elif command == p.DISCONNECT:
-            self.remove_worker(worker, body.get("reason", "disconnect"))
+            self.remove_worker(worker, str(body.get("reason", "disconnect")))
         elif command != p.HEARTBEAT:
             log.warning("dropped %s from worker %s", p.COMMAND_NAMES[command], worker.worker_id)
 
@@ -339,6 +352,16 @@ class Broker:
     def purge_workers(self, now: float) -> None:
         for worker in [w for w in self.workers.values() if w.expires < now]:
             self.remove_worker(worker, "heartbeat lost")
+
+    def purge_frontends(self, now: float) -> None:
+        """A frontend silent for FRONTEND_LIVENESS intervals is gone, or cut off: its jobs are
+        cancelled so that they stop holding slots."""
+        for identity in [f for f, expires in self.frontends.items() if expires < now]:
+            del self.frontends[identity]
+            orphans = [job_id for job_id, job in self.jobs.items() if job.frontend == identity]
+            if orphans:
+                log.info("frontend %s went silent; cancelling its %d jobs", identity.hex(), len(orphans))
+                self.cancel(identity, orphans)
 
     def expire_queued(self, now: float) -> None:
         for model, queue in self.queues.items():

@@ -35,6 +35,8 @@ model_name_option = click.option("--model-name", help="Name clients use for the 
 fake_option = click.option("--fake", is_flag=True, help="Serve a fake engine that echoes the user (tests, benchmarks).")
 fake_delay_option = click.option("--fake-delay", type=float, default=0.02, show_default=True,
                                  help="Seconds per step of the fake engine.")
+drain_option = click.option("--drain-timeout", type=click.FloatRange(0), default=None,
+                            help="Seconds work in flight gets to finish after SIGTERM [worker 60, api 30].")
 api_key_option = click.option("--api-key", "api_keys", multiple=True,
                               help="Require this Bearer key on /v1 routes (repeatable).")
 
@@ -69,17 +71,21 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int) -> None:
 @dtype_option
 @max_batch_option
 @max_tokens_option
+@drain_option
 @fake_option
 @fake_delay_option
-def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_in_flight, fake, fake_delay) -> None:
+def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_in_flight, drain_timeout, fake,
+           fake_delay) -> None:
     """Run a worker serving MODEL_PATH (a model folder, a hub id or a GGUF file).
 
-    With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct."""
+    With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct.
+    SIGTERM or Ctrl-C drains it (no new jobs, those in flight finish); a second one stops it."""
     from zmqchat import worker as role
 
-    role.run(role.WorkerConfig(model_path=model_path, model_name=model_name, broker=broker, device=device,
-                               dtype=dtype, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
-                               fake=fake, fake_delay=fake_delay))
+    role.run(role.WorkerConfig(
+        model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype,
+        max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake, fake_delay=fake_delay,
+        drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout))
 
 
 @main.command()
@@ -89,13 +95,17 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
 @api_key_option
 @click.option("--timeout", "request_timeout", type=click.FloatRange(0.1), default=300.0,
               help="Seconds a request may take before it fails with 504.")
+@drain_option
 @click.pass_obj
-def api(obj, host, port, broker, api_keys, request_timeout) -> None:
-    """Run the OpenAI-compatible HTTP API in front of the broker."""
+def api(obj, host, port, broker, api_keys, request_timeout, drain_timeout) -> None:
+    """Run the OpenAI-compatible HTTP API in front of the broker.
+
+    SIGTERM stops taking connections and lets open requests finish (--drain-timeout)."""
     from zmqchat import api as role
 
     role.run(role.APIConfig(host=host, port=port, broker=broker, api_keys=tuple(api_keys),
-                            request_timeout=request_timeout, log_level=obj["log_level"]))
+                            request_timeout=request_timeout, log_level=obj["log_level"],
+                            drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout))
 
 
 @main.command()

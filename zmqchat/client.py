@@ -4,7 +4,9 @@
 broker sends and puts each CHUNK, DONE or ERROR entry on the stream of its request id.
 `status()` asks the broker for its STATUS. A heartbeat task pings the broker; while it is
 silent for HEARTBEAT_LIVENESS intervals the client counts it as down: new requests fail at
-once and requests in flight end with an error instead of waiting for their deadline.
+once and requests in flight end with an error instead of waiting for their deadline. The
+broker's id, in each heartbeat reply, tells a restarted broker from the one the requests
+in flight went to: they end with the same error.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class BrokerClient:
         self.streams: dict[str, Stream] = {}
         self.status_waiters: dict[str, asyncio.Future] = {}
         self.last_heard = 0.0
+        self.broker_id: str | None = None
         self.context = zmq.asyncio.Context.instance()
         self.socket: zmq.asyncio.Socket | None = None
         self.tasks: list[asyncio.Task] = []
@@ -164,10 +167,18 @@ class BrokerClient:
         elif command == p.ERROR:
             error = BrokerError(int(body["status"]), str(body["type"]), str(body["message"]))
             self._deliver(body["id"], Event("error", error=error))
+        elif command == p.HEARTBEAT:
+            self._check_broker_id(body.get("broker_id"))
         elif command == p.STATUS:
             waiter = self.status_waiters.get(body.get("token"))
             if waiter is not None and not waiter.done():
                 waiter.set_result(body)
+
+    def _check_broker_id(self, broker_id: str | None) -> None:
+        if self.broker_id is not None and broker_id != self.broker_id:
+            log.warning("the broker at %s restarted; failing %d requests in flight", self.address, len(self.streams))
+            self._fail_all(BrokerError(503, "broker_unavailable", "the broker restarted and lost this request"))
+        self.broker_id = broker_id
 
     def _deliver(self, request_id: str, event: Event) -> None:
         stream = self.streams.get(request_id)

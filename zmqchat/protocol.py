@@ -11,13 +11,15 @@ checks them and raises ProtocolError for anything malformed, which the receiver 
 Bodies, by command (direction: F frontend, B broker, W worker):
 
   READY       W->B  {"worker_id", "models": [str], "slots": int, "host", "device", "pid"}
-  HEARTBEAT   both  {}                                  (F<->B and W<->B)
+  HEARTBEAT   both  {}          W<->B, and F->B, which B answers with {"broker_id"} (new after a restart);
+                                a frontend silent for long has its jobs cancelled
   SUBMIT      F->B->W  {"id", "model", "timeout": seconds, "messages": [...], "params": {...}}
   CANCEL      F->B->W  {"ids": [str]}
   CHUNK       W->B->F  [[id, text], ...]                 new text of each sequence, one engine step
   DONE        W->B->F  [[id, text, finish_reason, prompt_tokens, completion_tokens], ...]
   ERROR       W/B->F   {"id", "status": http status, "type", "message"}
-  DISCONNECT  W->B     {"reason"}: the worker leaves (drain, shutdown)
+  DISCONNECT  W->B     {"reason", "drain": bool}: with drain, the worker takes no new jobs and
+                       finishes those it has; without, it leaves now (its jobs are requeued or failed)
               B->W     {"reason"}: the broker does not know this worker; it must send READY again
   STATUS      F->B     {"token"};  B->F  {"token", "policy", "workers": [...], "models": {...}}
 

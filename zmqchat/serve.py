@@ -3,7 +3,9 @@
 Each part runs as its own process (the same ones `zmqchat broker|worker|api` start), so a
 crash stays where it happened and the parts behave as they would across machines. The model
 is resolved (and a GGUF converted) once here, before the workers start, so N workers never
-convert at once. Ctrl-C or SIGTERM stops every part, frontend first, then workers, then broker.
+convert at once. Ctrl-C or SIGTERM stops the parts in order: the API lets open requests finish,
+the workers drain, then the broker goes. A second Ctrl-C kills whatever is left at once.
+The parts run in their own session, so a terminal's Ctrl-C reaches only this process.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from zmqchat.client import BrokerError, fetch_status
 
 log = logging.getLogger("zmqchat.serve")
 
-STOP_GRACE = 10.0  # seconds a part gets to stop on SIGTERM before it is killed
+STOP_GRACE = 90.0  # seconds a stage gets to stop on SIGTERM (API and worker drains) before it is killed
 READY_POLL = 0.5  # seconds between checks that the workers have joined
 
 
@@ -76,7 +78,7 @@ def run(config: ServeConfig) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    parts = [subprocess.Popen(cmd) for cmd in part_commands(config, model_path, model_name)]
+    parts = [subprocess.Popen(cmd, start_new_session=True) for cmd in part_commands(config, model_path, model_name)]
     try:
         if not wait_until_ready(config, model_name, parts, stopping):
             return 1 if not stopping else 0
@@ -126,13 +128,18 @@ def api_answers(config: ServeConfig) -> bool:
 
 
 def stop_parts(parts: list[subprocess.Popen]) -> None:
-    for part in reversed(parts):  # frontend first, broker last
-        if part.poll() is None:
-            part.terminate()
-    deadline = time.monotonic() + STOP_GRACE
-    for part in parts:
-        try:
-            part.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            part.kill()
-            part.wait()
+    """The API first, then the workers, then the broker, each stage waiting for the last."""
+    broker, workers, api = parts[:1], parts[1:-1], parts[-1:]
+    forced = []
+    signal.signal(signal.SIGINT, lambda *_: forced.append(True))
+    for stage in (api, workers, broker):
+        for part in stage:
+            if part.poll() is None:
+                part.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for part in stage:
+            while part.poll() is None and time.monotonic() < deadline and not forced:
+                time.sleep(0.05)
+            if part.poll() is None:
+                part.kill()
+                part.wait()

@@ -33,6 +33,8 @@ from zmqchat.engine import DEFAULT_SLOTS, Engine, RequestError
 log = logging.getLogger("zmqchat.worker")
 
 RECONNECT_MAX = 8.0  # longest back-off between reconnect attempts, in seconds
+DRAIN_TIMEOUT = 60.0  # seconds a draining worker gives its jobs in flight before it leaves anyway
+DRAIN_POLL = 0.1  # how often a draining worker checks whether it is done
 ENGINE_IDLE_WAIT = 0.5  # how often an idle engine thread checks whether to stop
 
 
@@ -47,6 +49,7 @@ class WorkerConfig:
     max_tokens_in_flight: int | None = None  # KV-cache tokens; default: half the free memory
     fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)
     fake_delay: float = 0.02
+    drain_timeout: float = DRAIN_TIMEOUT
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
 
@@ -65,6 +68,7 @@ class Worker:
         self.outputs.bind(self.outputs_address)
         self.dealer: zmq.Socket | None = None
         self.running = True
+        self.drain_deadline: float | None = None  # set by the first SIGTERM or SIGINT
         self.liveness = config.heartbeat_interval * config.heartbeat_liveness
 
     # -- socket thread ------------------------------------------------------------------------
@@ -76,33 +80,50 @@ class Worker:
         backoff = self.config.heartbeat_interval
         last_heard = time.monotonic()
         next_beat = last_heard + self.config.heartbeat_interval
+        drain_announced = False
         while self.running:
-            timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
-            events = dict(self.poller.poll(timeout_ms))
+            wait = DRAIN_POLL if self.drain_deadline else next_beat - time.monotonic()
+            events = dict(self.poller.poll(max(0.0, wait) * 1000))
             if self.dealer in events and self._drain_broker():
                 last_heard = time.monotonic()
                 backoff = self.config.heartbeat_interval
             if self.outputs in events:
                 self._forward_outputs()
             now = time.monotonic()
+            if self.drain_deadline is not None:
+                if not drain_announced:
+                    self._send(p.DISCONNECT, {"reason": "drain", "drain": True})
+                    drain_announced = True
+                    log.info("draining: no new jobs; finishing %d in flight", len(self.engine.sequences))
+                if self._idle() or now > self.drain_deadline:
+                    break
             if now - last_heard > self.liveness:
                 log.warning("broker silent for %.1f s; reconnecting in %.1f s", now - last_heard, backoff)
                 self._stopped_during(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 self._connect()
+                drain_announced = False
                 last_heard = time.monotonic()
             if now >= next_beat:
                 self._send(p.HEARTBEAT, {})
                 next_beat = now + self.config.heartbeat_interval
-        self._send(p.DISCONNECT, {"reason": "shutdown"})
         self.inbox.put(None)
         engine_thread.join(timeout=5)
+        self._forward_outputs()  # the engine's last messages go out before we say goodbye
+        self._send(p.DISCONNECT, {"reason": "drained" if self._idle() else "shutdown"})
         self.dealer.close(linger=1000)
         self.outputs.close()
         log.info("worker %s stopped", self.worker_id)
 
     def stop(self, *_) -> None:
-        self.running = False
+        """The first signal drains (no new jobs, finish those in flight); a second stops now."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.config.drain_timeout
+        else:
+            self.running = False
+
+    def _idle(self) -> bool:
+        return self.inbox.empty() and not self.engine.sequences
 
     def _stopped_during(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
