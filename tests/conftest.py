@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -138,3 +140,42 @@ def module_cluster(tmp_path_factory):
 
 def chat(model: str = "fake", content: str = "hello there world", **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+class Relay:
+    """A TCP relay between two parts that records what crosses it and can stop forwarding
+    (a partition)."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.forwarding = True
+        self.closed = False
+        self.captured = bytearray()  # every byte that crossed, both ways
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(downstream, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        with a, b:
+            while not self.closed:
+                readable, _, _ = select.select([a, b], [], [], 0.1)
+                for src in readable:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    if self.forwarding:  # cut: bytes are read and lost, the connections stay up
+                        self.captured += data
+                        (b if src is a else a).sendall(data)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()

@@ -8,16 +8,14 @@ Run with -s to see the counts (the README's reliability section quotes them).
 from __future__ import annotations
 
 import asyncio
-import select
 import signal
-import socket
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import httpx
-from conftest import chat, wait_for
+from conftest import Relay, chat, wait_for
 
 DEADLINE = 20.0  # the API's --timeout in these tests
 WORDS = " ".join(f"w{i}" for i in range(8))
@@ -133,42 +131,6 @@ def test_broker_restart_mid_load_service_resumes_by_itself(cluster):
     assert counts["completed"] >= len(after)
 
 
-class Relay:
-    """A TCP relay between a worker and the broker that can stop forwarding (a partition)."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.forwarding = True
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pump, args=(downstream, upstream), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        with a, b:
-            while not self.closed:
-                readable, _, _ = select.select([a, b], [], [], 0.1)
-                for src in readable:
-                    data = src.recv(65536)
-                    if not data:
-                        return
-                    if self.forwarding:  # cut: bytes are read and lost, the connections stay up
-                        (b if src is a else a).sendall(data)
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-
-
 def test_partition_between_broker_and_a_worker_is_detected_and_heals(cluster):
     cluster.broker()
     relay = Relay(int(cluster.backend.rsplit(":", 1)[1]))
@@ -199,6 +161,32 @@ def test_partition_between_broker_and_a_worker_is_detected_and_heals(cluster):
         before = done()
         asyncio.run(load(cluster.url, 40, 8))
         assert all(after > was for after, was in zip(done(), before)), "capacity did not return"
+    finally:
+        relay.close()
+
+
+def test_partition_between_api_and_broker_fails_fast_and_heals(cluster):
+    cluster.broker()
+    cluster.worker("--fake-delay", "0.2", "--max-batch", "8")
+    relay = Relay(int(cluster.frontend.rsplit(":", 1)[1]))
+    try:
+        cluster.spawn("api", "api", "--port", str(cluster.port), "--timeout", str(DEADLINE),
+                      "--broker", f"tcp://127.0.0.1:{relay.port}")
+        wait_for(lambda: cluster._healthy(), 30, "the API")
+        long_words = " ".join(f"x{i}" for i in range(100))  # 20 s of output: still running at the cut
+        threading.Timer(1.0, setattr, args=(relay, "forwarding", False)).start()
+        cut = asyncio.run(load(cluster.url, 4, 4, words=long_words))
+        assert all(o.status == 503 and o.ended - o.started < 8 for o in cut), cut
+        started = time.monotonic()
+        refused = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(), timeout=10)
+        assert refused.status_code == 503 and time.monotonic() - started < 1.0
+        # The broker cancels the jobs of the frontend it no longer hears: the slots come back.
+        wait_for(lambda: cluster.status()["models"]["fake"]["free"] == 8, 20, "the orphaned jobs' slots")
+        relay.forwarding = True
+        wait_for(lambda: httpx.get(f"{cluster.url}/health").json()["status"] == "ok", 10, "the API to hear the broker")
+        healed = asyncio.run(load(cluster.url, 20, 4))
+        tally("partition API-broker, after the heal", healed, 20)
+        assert all(o.status == 200 for o in healed)
     finally:
         relay.close()
 

@@ -20,11 +20,14 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from zmqchat.client import BrokerClient, BrokerError, Stream
+from zmqchat.curve import Curve
+from zmqchat.metrics import Metrics, RequestMetrics
 
 log = logging.getLogger("zmqchat.api")
 
@@ -45,6 +48,7 @@ class APIConfig:
     request_timeout: float = REQUEST_TIMEOUT
     drain_timeout: float = DRAIN_TIMEOUT
     log_level: str = "info"
+    curve: Curve | None = None
 
 
 # -- request schemas --------------------------------------------------------------------------
@@ -128,10 +132,12 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
 # -- the app ----------------------------------------------------------------------------------
 
 def create_app(config: APIConfig) -> FastAPI:
-    client = BrokerClient(config.broker)
+    client = BrokerClient(config.broker, config.curve)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        log.info("CURVE %s", f"on, keys of {config.curve.name} in {config.curve.folder}" if config.curve else "off")
         await client.start()
         if not await client.wait_for_broker(2.0):
             log.warning("no answer yet from the broker at %s; requests get 503 until it answers", config.broker)
@@ -177,10 +183,24 @@ def create_app(config: APIConfig) -> FastAPI:
             {"id": name, "object": "model", "created": 0, "owned_by": "zmqchat"}
             for name in sorted(status["models"])]}
 
+    @app.get("/metrics")
+    async def metrics_page():
+        try:
+            status = await client.status(timeout=1.0)
+        except BrokerError:
+            status = None
+        return Response(metrics.render(status), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        stream = client.submit(body.model, messages, body.params(), config.request_timeout)
+        timing = RequestMetrics(metrics, body.model)
+        try:
+            stream = client.submit(body.model, messages, body.params(), config.request_timeout)
+        except BrokerError as exc:
+            timing.failed(exc.type)
+            raise
+        log.debug("request %s: model %s, %d messages, stream %s", stream.id, body.model, len(messages), body.stream)
         # Wait for the first event before answering, so that an error (unknown model, no
         # worker, a prompt too long) gets its own HTTP status rather than a 200 stream.
         try:
@@ -190,8 +210,10 @@ def create_app(config: APIConfig) -> FastAPI:
             raise
         if first.kind == "error":
             client.finish(stream)
+            timing.failed(first.error.type)
+            log.info("request %s failed (%d): %s", stream.id, first.error.status, first.error.message)
             return broker_error_response(first.error)
-        completion = Completion(stream, body.model)
+        completion = Completion(stream, body.model, timing)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(completion.sse(client, first, include_usage), media_type="text/event-stream")
@@ -206,20 +228,35 @@ def create_app(config: APIConfig) -> FastAPI:
 class Completion:
     """Turns one request's events into an OpenAI chat.completion or its chunk stream."""
 
-    def __init__(self, stream: Stream, model: str):
+    def __init__(self, stream: Stream, model: str, timing: RequestMetrics):
         self.stream = stream
         self.id = f"chatcmpl-{stream.id}"
         self.model = model
         self.created = int(time.time())
+        self.timing = timing
+
+    async def events(self, first):
+        """The request's events from `first` to its end, each counted in the metrics."""
+        event = first
+        while True:
+            if event.kind == "chunk" or (event.kind == "done" and event.text):
+                self.timing.output()
+            if event.kind == "done":
+                self.timing.finished(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+            elif event.kind == "error":
+                self.timing.failed(event.error.type)
+                log.info("request %s failed (%d): %s", self.stream.id, event.error.status, event.error.message)
+            yield event
+            if event.kind != "chunk":
+                return
+            event = await self.stream.next()
 
     async def json(self, first) -> JSONResponse | dict:
-        parts, event = [], first
-        while event.kind == "chunk":
+        parts = []
+        async for event in self.events(first):
+            if event.kind == "error":
+                return broker_error_response(event.error)
             parts.append(event.text)
-            event = await self.stream.next()
-        if event.kind == "error":
-            return broker_error_response(event.error)
-        parts.append(event.text)
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
@@ -230,21 +267,21 @@ class Completion:
     async def sse(self, client: BrokerClient, first, include_usage: bool):
         try:
             yield self._chunk({"role": "assistant", "content": ""})
-            event = first
-            while event.kind == "chunk":
-                yield self._chunk({"content": event.text})
-                event = await self.stream.next()
-            if event.kind == "error":
-                yield _sse(error_body(event.error.status, event.error.message, code=event.error.type))
-            else:
-                if event.text:
+            async for event in self.events(first):
+                if event.kind == "error":
+                    yield _sse(error_body(event.error.status, event.error.message, code=event.error.type))
+                elif event.text:
                     yield self._chunk({"content": event.text})
+            if event.kind == "done":
                 yield self._chunk({}, event.finish_reason)
                 if include_usage:
                     yield _sse({**self._header(), "choices": [], "usage": self._usage(event)})
             yield "data: [DONE]\n\n"
         finally:
             # Runs when the stream ends and when the client disconnects mid-stream.
+            if not self.stream.finished:
+                self.timing.failed("cancelled")
+                log.info("request %s: the client left mid-stream; cancelling", self.stream.id)
             client.finish(self.stream)
 
     def _header(self) -> dict:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from zmqchat import protocol as p
+from zmqchat.curve import Curve, secure_server
 from zmqchat.policy import make_policy
 
 log = logging.getLogger("zmqchat.broker")
@@ -46,6 +47,7 @@ class BrokerConfig:
     max_queue: int = MAX_QUEUE
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    curve: Curve | None = None
 
 
 @dataclass(eq=False)
@@ -91,15 +93,16 @@ class Broker:
         # knows nothing of the jobs they had in flight.
         self.broker_id = uuid.uuid4().hex
         self.context = context or zmq.Context.instance()
-        self.frontend = self._bind(config.frontend)
-        self.backend = self._bind(config.backend)
+        self.frontend, self.backend = self._router(), self._router()
+        self.authenticator = secure_server(self.context, [self.frontend, self.backend], config.curve)
+        self.frontend.bind(config.frontend)
+        self.backend.bind(config.backend)
 
-    def _bind(self, address: str) -> zmq.Socket:
+    def _router(self) -> zmq.Socket:
         socket = self.context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 100_000)
         socket.setsockopt(zmq.RCVHWM, 100_000)
-        socket.bind(address)
         return socket
 
     # -- the loop ---------------------------------------------------------------------------
@@ -133,6 +136,8 @@ class Broker:
     def close(self) -> None:
         self.frontend.close()
         self.backend.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
 
     def _read_all(self, socket: zmq.Socket, handle) -> None:
         for _ in range(DRAIN_BATCH):
@@ -196,6 +201,7 @@ class Broker:
                               f"the queue for model '{model}' is full ({len(queue)} waiting)")
         self.jobs[job_id] = job
         queue[job_id] = job
+        log.debug("request %s: queued for %s (%d waiting)", job_id, model, len(queue))
         self.dispatch(model)
 
     def cancel(self, frontend: bytes, ids: list[str]) -> None:
@@ -203,6 +209,7 @@ class Broker:
             job = self.jobs.get(job_id)
             if job is None or job.frontend != frontend or job.cancelled:
                 continue
+            log.info("request %s: cancelled by its frontend", job_id)
             if job.worker is None:
                 del self.queues[job.model][job_id]
                 del self.jobs[job_id]
@@ -241,6 +248,7 @@ class Broker:
             worker.jobs.add(job.id)
             job.worker = worker
             self.backend.send_multipart([worker.identity, *job.frames])
+            log.debug("request %s: dispatched to worker %s", job.id, worker.worker_id)
 
     def release(self, job: Job) -> None:
         """The worker is done with `job`: its slot is free and the broker forgets the job."""
@@ -305,6 +313,7 @@ class Broker:
             if job.cancelled:
                 del self.jobs[job_id]
             elif not job.started:
+                log.info("request %s: requeued (its worker %s left)", job_id, worker.worker_id)
                 job.worker = None
                 queue = self.queues[job.model]
                 queue[job_id] = job
@@ -326,6 +335,7 @@ class Broker:
             if job is None or job.worker is not worker:
                 continue  # stale: the job was failed, cancelled or requeued elsewhere
             if finished:
+                log.debug("request %s: done", job.id)
                 self.release(job)
             else:
                 job.started = True

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -37,18 +38,35 @@ fake_delay_option = click.option("--fake-delay", type=float, default=0.02, show_
                                  help="Seconds per step of the fake engine.")
 drain_option = click.option("--drain-timeout", type=click.FloatRange(0), default=None,
                             help="Seconds work in flight gets to finish after SIGTERM [worker 60, api 30].")
+curve_option = click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                            help="Turn CURVE on with the keys in this folder (see `zmqchat keys`) [default: off].")
+
+
+def curve_name_option(default: str):
+    return click.option("--curve-name", default=default, help="Whose key pair in the --curve folder to use.")
+
+
+def make_curve(folder: Path | None, name: str):
+    from zmqchat.curve import Curve
+
+    return Curve(folder, name) if folder else None
+
+
+def set_log_level(ctx: click.Context, param, value: str) -> str:
+    logging.basicConfig(level=value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    return value.lower()
+
+
+log_level_option = click.option("--log-level", type=LOG_LEVELS, default="info", callback=set_log_level,
+                                is_eager=True, help="Least severe log level printed.")
 api_key_option = click.option("--api-key", "api_keys", multiple=True,
                               help="Require this Bearer key on /v1 routes (repeatable).")
 
 
 @click.group(context_settings={"auto_envvar_prefix": "ZMQCHAT", "show_default": True,
                                "help_option_names": ["-h", "--help"]})
-@click.option("--log-level", type=LOG_LEVELS, default="info", help="Least severe log level printed.")
-@click.pass_context
-def main(ctx: click.Context, log_level: str) -> None:
+def main() -> None:
     """zmqchat: serve chat models from a cluster, over ZeroMQ, behind an OpenAI API."""
-    ctx.obj = {"log_level": log_level.lower()}
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
@@ -56,11 +74,14 @@ def main(ctx: click.Context, log_level: str) -> None:
 @click.option("--backend", default=BACKEND, help="Address workers connect to.")
 @policy_option
 @click.option("--max-queue", type=click.IntRange(1), default=MAX_QUEUE, help="Jobs waiting per model before 503.")
-def broker(frontend: str, backend: str, policy: str, max_queue: int) -> None:
+@curve_option
+@log_level_option
+def broker(frontend: str, backend: str, policy: str, max_queue: int, curve_dir, log_level) -> None:
     """Run the broker: it tracks workers and dispatches jobs to them."""
     from zmqchat import broker as role
 
-    role.run(BrokerConfig(frontend=frontend, backend=backend, policy=policy, max_queue=max_queue))
+    role.run(BrokerConfig(frontend=frontend, backend=backend, policy=policy, max_queue=max_queue,
+                          curve=make_curve(curve_dir, "broker")))
 
 
 @main.command()
@@ -74,8 +95,11 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int) -> None:
 @drain_option
 @fake_option
 @fake_delay_option
+@curve_option
+@curve_name_option("worker")
+@log_level_option
 def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_in_flight, drain_timeout, fake,
-           fake_delay) -> None:
+           fake_delay, curve_dir, curve_name, log_level) -> None:
     """Run a worker serving MODEL_PATH (a model folder, a hub id or a GGUF file).
 
     With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct.
@@ -85,7 +109,8 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
     role.run(role.WorkerConfig(
         model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype,
         max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake, fake_delay=fake_delay,
-        drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout))
+        drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
+        curve=make_curve(curve_dir, curve_name)))
 
 
 @main.command()
@@ -96,16 +121,19 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
 @click.option("--timeout", "request_timeout", type=click.FloatRange(0.1), default=300.0,
               help="Seconds a request may take before it fails with 504.")
 @drain_option
-@click.pass_obj
-def api(obj, host, port, broker, api_keys, request_timeout, drain_timeout) -> None:
+@curve_option
+@curve_name_option("api")
+@log_level_option
+def api(host, port, broker, api_keys, request_timeout, drain_timeout, curve_dir, curve_name, log_level) -> None:
     """Run the OpenAI-compatible HTTP API in front of the broker.
 
     SIGTERM stops taking connections and lets open requests finish (--drain-timeout)."""
     from zmqchat import api as role
 
     role.run(role.APIConfig(host=host, port=port, broker=broker, api_keys=tuple(api_keys),
-                            request_timeout=request_timeout, log_level=obj["log_level"],
-                            drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout))
+                            request_timeout=request_timeout, log_level=log_level,
+                            drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
+                            curve=make_curve(curve_dir, curve_name)))
 
 
 @main.command()
@@ -124,9 +152,11 @@ def api(obj, host, port, broker, api_keys, request_timeout, drain_timeout) -> No
 @api_key_option
 @fake_option
 @fake_delay_option
-@click.pass_obj
-def serve(obj, model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype,
-          max_batch, max_tokens_in_flight, api_keys, fake, fake_delay) -> None:
+@click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Turn CURVE on between the parts, with keys in this folder (created if missing).")
+@log_level_option
+def serve(model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype,
+          max_batch, max_tokens_in_flight, api_keys, fake, fake_delay, curve_dir, log_level) -> None:
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
     from zmqchat import serve as role
 
@@ -134,21 +164,24 @@ def serve(obj, model_path, model_name, workers, host, port, frontend, backend, p
         model_path=model_path, model_name=model_name, workers=workers, host=host, port=port,
         frontend=frontend, backend=backend, policy=policy, device=device, dtype=dtype,
         max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, api_keys=tuple(api_keys),
-        fake=fake, fake_delay=fake_delay,
-        log_level=obj["log_level"])))
+        fake=fake, fake_delay=fake_delay, curve_dir=curve_dir, log_level=log_level)))
 
 
 @main.command()
 @click.option("--broker", default=FRONTEND, help="The broker's frontend address.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 @click.option("--watch", type=float, default=None, help="Refresh every this many seconds.")
-def status(broker: str, as_json: bool, watch: float | None) -> None:
+@curve_option
+@curve_name_option("status")
+@log_level_option
+def status(broker: str, as_json: bool, watch: float | None, curve_dir, curve_name, log_level) -> None:
     """Show workers, models, free slots and queue depth."""
     from zmqchat.client import BrokerError, fetch_status
 
+    curve = make_curve(curve_dir, curve_name)
     while True:
         try:
-            report = fetch_status(broker)
+            report = fetch_status(broker, curve=curve)
         except BrokerError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
@@ -186,8 +219,9 @@ def format_status(report: dict) -> str:
               "at the highest concurrency (run it on the server's machine).")
 @click.option("--ceiling-model", default=None, help="Model for --ceiling [default: the embedded default model].")
 @device_option
+@log_level_option
 def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, output, ceiling, ceiling_model,
-          device) -> None:
+          device, log_level) -> None:
     """Load an OpenAI-compatible server and report throughput and latencies."""
     from zmqchat import bench as role
 
@@ -200,9 +234,25 @@ def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, o
                               ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device))
 
 
+@main.command()
+@click.argument("name")
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("keys"),
+              help="Folder to write the keys in.")
+def keys(name: str, folder: Path) -> None:
+    """Write a CURVE key pair, NAME.key (public) and NAME.key_secret, for a broker, worker or frontend.
+
+    Name the broker's pair `broker`. The broker's folder holds broker.key_secret and the public
+    key of every worker and frontend it admits; each of those holds its own pair and broker.key."""
+    from zmqchat.curve import create_keys
+
+    public, secret = create_keys(name, folder)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it on this machine only)")
+
+
 @main.command("prepare-model")
 @click.argument("model_path", required=False)
-def prepare_model(model_path: str | None) -> None:
+@log_level_option
+def prepare_model(model_path: str | None, log_level: str) -> None:
     """Convert and cache a model (default: the embedded one) so workers start in seconds."""
     from zmqchat import models
 

@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from zmqchat import protocol as p
 from zmqchat.broker import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from zmqchat.curve import Curve, secure_client
 
 log = logging.getLogger("zmqchat.client")
 
@@ -66,9 +67,10 @@ class Stream:
 
 
 class BrokerClient:
-    def __init__(self, address: str, heartbeat_interval: float = HEARTBEAT_INTERVAL,
+    def __init__(self, address: str, curve: Curve | None = None, heartbeat_interval: float = HEARTBEAT_INTERVAL,
                  heartbeat_liveness: int = HEARTBEAT_LIVENESS):
         self.address = address
+        self.curve = curve
         self.heartbeat_interval = heartbeat_interval
         self.liveness = heartbeat_interval * heartbeat_liveness
         self.streams: dict[str, Stream] = {}
@@ -90,6 +92,7 @@ class BrokerClient:
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        secure_client(self.socket, self.curve)
         self.socket.connect(self.address)
         self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeat())]
 
@@ -210,10 +213,10 @@ class BrokerClient:
             stream.events.put_nowait(Event("error", error=error))
 
 
-def fetch_status(address: str, timeout: float = 3.0) -> dict:
+def fetch_status(address: str, timeout: float = 3.0, curve: Curve | None = None) -> dict:
     """The broker's STATUS, from outside an event loop (the CLI, `serve`)."""
     async def ask() -> dict:
-        client = BrokerClient(address)
+        client = BrokerClient(address, curve)
         await client.start()
         try:
             if not await client.wait_for_broker(timeout):

@@ -17,8 +17,10 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 from zmqchat.client import BrokerError, fetch_status
+from zmqchat.curve import Curve
 
 log = logging.getLogger("zmqchat.serve")
 
@@ -43,26 +45,28 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     fake: bool = False
     fake_delay: float | None = None
+    curve_dir: Path | None = None
     ready_timeout: float = 600.0
     log_level: str = "info"
 
 
 def part_commands(config: ServeConfig, model_path: str | None, model_name: str) -> list[list[str]]:
     """The command line of each part: broker, workers, then API."""
-    zmqchat = [sys.executable, "-m", "zmqchat", "--log-level", config.log_level]
-    broker = [*zmqchat, "broker", "--frontend", config.frontend, "--backend", config.backend,
+    zmqchat = [sys.executable, "-m", "zmqchat"]
+    common = ["--log-level", config.log_level] + (["--curve", str(config.curve_dir)] if config.curve_dir else [])
+    broker = [*zmqchat, "broker", *common, "--frontend", config.frontend, "--backend", config.backend,
               "--policy", config.policy]
-    worker = [*zmqchat, "worker", "--broker", config.backend, "--model-name", model_name,
+    worker = [*zmqchat, "worker", *common, "--broker", config.backend, "--model-name", model_name,
               "--device", config.device, "--dtype", config.dtype]
     if model_path:
-        worker.insert(len(zmqchat) + 1, model_path)
+        worker.append(model_path)
     if config.max_batch:
         worker += ["--max-batch", str(config.max_batch)]
     if config.max_tokens_in_flight:
         worker += ["--max-tokens-in-flight", str(config.max_tokens_in_flight)]
     if config.fake:
         worker += ["--fake"] + (["--fake-delay", str(config.fake_delay)] if config.fake_delay is not None else [])
-    api = [*zmqchat, "api", "--host", config.host, "--port", str(config.port), "--broker", config.frontend]
+    api = [*zmqchat, "api", *common, "--host", config.host, "--port", str(config.port), "--broker", config.frontend]
     for key in config.api_keys:
         api += ["--api-key", key]
     return [broker] + [worker] * config.workers + [api]
@@ -75,6 +79,10 @@ def run(config: ServeConfig) -> int:
         from zmqchat import models
 
         model_path, model_name = models.resolve(config.model_path, config.model_name)
+    if config.curve_dir:
+        from zmqchat.curve import ensure_keys
+
+        ensure_keys(config.curve_dir, ["broker", "worker", "api", "status"])
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
@@ -97,6 +105,7 @@ def run(config: ServeConfig) -> int:
 
 
 def wait_until_ready(config: ServeConfig, model_name: str, parts: list, stopping: list) -> bool:
+    curve = Curve(config.curve_dir, "status") if config.curve_dir else None
     deadline = time.monotonic() + config.ready_timeout
     joined = -1
     while not stopping and time.monotonic() < deadline:
@@ -104,7 +113,7 @@ def wait_until_ready(config: ServeConfig, model_name: str, parts: list, stopping
             log.error("a part of the cluster exited during start-up")
             return False
         try:
-            model = fetch_status(config.frontend, timeout=1.0)["models"].get(model_name)
+            model = fetch_status(config.frontend, timeout=1.0, curve=curve)["models"].get(model_name)
         except BrokerError:
             model = None
         now_joined = model["workers"] if model else 0

@@ -28,6 +28,7 @@ import zmq
 
 from zmqchat import protocol as p
 from zmqchat.broker import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from zmqchat.curve import Curve, secure_client
 from zmqchat.engine import DEFAULT_SLOTS, Engine, RequestError
 
 log = logging.getLogger("zmqchat.worker")
@@ -50,6 +51,7 @@ class WorkerConfig:
     fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)
     fake_delay: float = 0.02
     drain_timeout: float = DRAIN_TIMEOUT
+    curve: Curve | None = None
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
 
@@ -136,6 +138,7 @@ class Worker:
             self.dealer.close(linger=0)
         self.dealer = self.context.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        secure_client(self.dealer, self.config.curve)
         self.dealer.connect(self.config.broker)
         self.poller = zmq.Poller()
         self.poller.register(self.dealer, zmq.POLLIN)
@@ -208,10 +211,14 @@ class Worker:
                     log.exception("engine step failed; failing its %d sequences", len(self.engine.sequences))
                     for job_id in list(self.engine.sequences):
                         self.engine.cancel(job_id)
+                        log.warning("request %s: failed in the engine", job_id)
                         send(p.ERROR, p.error_body(job_id, 500, "engine_error", f"the engine failed: {exc}"))
                     chunks, finished = [], []
                 if chunks:
                     send(p.CHUNK, chunks)
+                for entry in finished:
+                    log.debug("request %s: finished (%s), %d prompt and %d output tokens",
+                              entry[0], entry[2], entry[3], entry[4])
                 if dones or finished:
                     send(p.DONE, dones + finished)
         finally:
@@ -235,7 +242,9 @@ class Worker:
         if kind == "add":
             try:
                 self.engine.add(arg)
+                log.debug("request %s: accepted", arg["id"])
             except RequestError as exc:
+                log.info("request %s: refused (%d): %s", arg.get("id"), exc.status, exc)
                 send(p.ERROR, p.error_body(arg.get("id", ""), exc.status, exc.type, str(exc)))
             except Exception as exc:  # a malformed job must not stop the engine
                 log.warning("refused a malformed job: %r", exc)
@@ -245,6 +254,7 @@ class Worker:
             for job_id in arg:
                 entry = self.engine.cancel(job_id)
                 if entry:
+                    log.info("request %s: cancelled after %d tokens", job_id, entry[4])
                     dones.append(entry)
         elif kind == "reset":
             for job_id in list(self.engine.sequences):
@@ -267,6 +277,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
 def run(config: WorkerConfig) -> None:
     engine, device = build_engine(config)
     worker = Worker(config, engine, device)
+    log.info("CURVE %s", f"on, keys of {config.curve.name} in {config.curve.folder}" if config.curve else "off")
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.run()

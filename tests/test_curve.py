@@ -1,0 +1,83 @@
+"""CURVE on the cluster's links: who may join, and what an eavesdropper sees."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import pytest
+from conftest import Relay, chat, wait_for
+
+from zmqchat.curve import create_keys
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """The broker's folder: its own pair and the pairs of the parts it admits."""
+    folder = tmp_path / "keys"
+    for name in ("broker", "worker", "api", "status"):
+        create_keys(name, folder)
+    return folder
+
+
+def curve(folder, name) -> tuple[str, ...]:
+    return ("--curve", str(folder), "--curve-name", name)
+
+
+def test_only_workers_with_admitted_keys_get_jobs(cluster, keys, tmp_path):
+    strangers = tmp_path / "strangers"
+    create_keys("intruder", strangers)
+    shutil.copy(keys / "broker.key", strangers / "broker.key")  # it knows the broker's public key
+    cluster.broker("--curve", str(keys))
+    intruder = cluster.spawn("worker", "worker", "--fake", "--broker", cluster.backend, "--log-level", "debug",
+                             *curve(strangers, "intruder"))
+    plaintext = cluster.spawn("worker", "worker", "--fake", "--broker", cluster.backend, "--log-level", "debug")
+    cluster.worker(*curve(keys, "worker"), wait=False)
+    cluster.api(*curve(keys, "api"))
+    status = lambda: httpx.get(f"{cluster.url}/v1/models").json()["data"]  # noqa: E731
+    wait_for(lambda: status(), 30, "the admitted worker")
+    for i in range(10):
+        body = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(content=f"job {i}"), timeout=10).json()
+        assert body["choices"][0]["message"]["content"] == f"job {i}"
+    for stranger in (intruder, plaintext):
+        assert stranger.process.poll() is None  # still trying, never let in
+        assert "accepted" not in stranger.output()
+    assert "CURVE on" in cluster.parts[0].output()
+
+
+def test_a_frontend_without_an_admitted_key_is_refused(cluster, keys):
+    cluster.broker("--curve", str(keys))
+    cluster.worker(*curve(keys, "worker"), wait=False)
+    cluster.api()  # plaintext: the broker never answers it
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(), timeout=10)
+    assert response.status_code == 503
+
+
+@pytest.mark.parametrize("encrypted", [True, False])
+def test_what_crosses_the_wire(cluster, keys, encrypted):
+    secret = "zebra-secret-4217"
+    cluster.broker(*(("--curve", str(keys)) if encrypted else ()))
+    cluster.worker(*(curve(keys, "worker") if encrypted else ()), wait=False)
+    relay = Relay(int(cluster.frontend.rsplit(":", 1)[1]))
+    try:
+        cluster.spawn("api", "api", "--port", str(cluster.port), "--broker", f"tcp://127.0.0.1:{relay.port}",
+                      *(curve(keys, "api") if encrypted else ()))
+        wait_for(lambda: httpx.get(f"{cluster.url}/v1/models", timeout=5).status_code == 200
+                 if cluster._healthy() else False, 30, "the cluster")
+        wait_for(lambda: httpx.get(f"{cluster.url}/v1/models").json()["data"], 30, "the worker")
+        body = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(content=secret), timeout=10).json()
+        assert body["choices"][0]["message"]["content"] == secret
+        assert len(relay.captured) > 0
+        assert (secret.encode() in relay.captured) is not encrypted
+    finally:
+        relay.close()
+
+
+def test_keys_command_writes_a_pair(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "zmqchat", "keys", "worker7", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    assert (tmp_path / "worker7.key").exists() and (tmp_path / "worker7.key_secret").exists()
+    assert "secret key" in out

@@ -1,0 +1,77 @@
+"""Prometheus metrics of an API frontend, served at /metrics (prometheus-client).
+
+Names follow vLLM's where they mean the same, under a `zmqchat:` prefix. The API records
+each request's life here (`RequestMetrics`); the cluster gauges (queue depth, running
+requests, workers per model) are read from the broker's STATUS at each scrape.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Buckets in seconds, from vLLM's choices for the same histograms.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r, model = self.registry, ["model"]
+        self.requests = Counter("zmqchat:requests", "Requests finished, by model and outcome (finish reason or "
+                                "error code).", ["model", "outcome"], registry=r)
+        self.ttft = Histogram("zmqchat:time_to_first_token_seconds", "Time to first token.", model,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("zmqchat:inter_token_latency_seconds", "Time between streamed pieces of output.",
+                             model, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("zmqchat:e2e_request_latency_seconds", "End-to-end request latency.", model,
+                             buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("zmqchat:prompt_tokens", "Prompt tokens processed.", model, registry=r)
+        self.generation_tokens = Counter("zmqchat:generation_tokens", "Tokens generated.", model, registry=r)
+        self.waiting = Gauge("zmqchat:num_requests_waiting", "Requests queued at the broker.", model, registry=r)
+        self.running = Gauge("zmqchat:num_requests_running", "Requests running on workers.", model, registry=r)
+        self.workers = Gauge("zmqchat:num_workers", "Workers serving the model.", model, registry=r)
+        self.free_slots = Gauge("zmqchat:num_free_slots", "Free worker slots.", model, registry=r)
+        self.broker_up = Gauge("zmqchat:broker_up", "1 while the broker answers this frontend.", registry=r)
+
+    def render(self, status: dict | None) -> bytes:
+        """The exposition text, with the cluster gauges set from a broker STATUS (None: no answer)."""
+        self.broker_up.set(status is not None)
+        for gauge in (self.waiting, self.running, self.workers, self.free_slots):
+            gauge.clear()  # a model no worker serves any more disappears
+        for name, m in (status or {}).get("models", {}).items():
+            self.waiting.labels(name).set(m["queued"])
+            self.running.labels(name).set(m["slots"] - m["free"])
+            self.workers.labels(name).set(m["workers"])
+            self.free_slots.labels(name).set(m["free"])
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """One request's timings, fed its events as they reach the client."""
+
+    def __init__(self, metrics: Metrics, model: str):
+        self.metrics = metrics
+        self.model = model
+        self.started = time.perf_counter()
+        self.last: float | None = None
+
+    def output(self) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.labels(self.model).observe(now - self.started)
+        else:
+            self.metrics.itl.labels(self.model).observe(now - self.last)
+        self.last = now
+
+    def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.started)
+        self.metrics.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        self.metrics.generation_tokens.labels(self.model).inc(completion_tokens)
+        self.metrics.requests.labels(self.model, finish_reason).inc()
+
+    def failed(self, code: str) -> None:
+        self.metrics.requests.labels(self.model, code).inc()
