@@ -147,6 +147,8 @@ def test_deadline_gets_504(cluster):
     response = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(content=LONG), timeout=10)
     error = assert_openai_error(response, 504)
     assert "deadline" in error["message"]
+    # The job is cancelled, not left to run its 100 s: the worker's slot comes back.
+    wait_for(lambda: cluster.status()["models"]["fake"]["free"] == 16, 3.0, "the expired job's slot")
 
 
 def test_api_keys_guard_every_v1_route_but_not_health(cluster):

@@ -243,6 +243,8 @@ class Completion:
                 self.timing.output()
             if event.kind == "done":
                 self.timing.finished(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                log.info("request %s: %s, %d prompt + %d output tokens", self.stream.id, event.finish_reason,
+                         event.prompt_tokens, event.completion_tokens)
             elif event.kind == "error":
                 self.timing.failed(event.error.type)
                 log.info("request %s failed (%d): %s", self.stream.id, event.error.status, event.error.message)
@@ -265,6 +267,7 @@ class Completion:
         }
 
     async def sse(self, client: BrokerClient, first, include_usage: bool):
+        completed = False
         try:
             yield self._chunk({"role": "assistant", "content": ""})
             async for event in self.events(first):
@@ -277,9 +280,10 @@ class Completion:
                 if include_usage:
                     yield _sse({**self._header(), "choices": [], "usage": self._usage(event)})
             yield "data: [DONE]\n\n"
+            completed = True
         finally:
             # Runs when the stream ends and when the client disconnects mid-stream.
-            if not self.stream.finished:
+            if not completed:
                 self.timing.failed("cancelled")
                 log.info("request %s: the client left mid-stream; cancelling", self.stream.id)
             client.finish(self.stream)
@@ -304,5 +308,6 @@ def run(config: APIConfig) -> None:
     import uvicorn
 
     # On SIGTERM uvicorn stops accepting connections and lets open ones (streams) finish.
+    # Its access log is off: the API logs each request's end itself, with the request's id.
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=config.drain_timeout, timeout_keep_alive=KEEP_ALIVE)
+                timeout_graceful_shutdown=config.drain_timeout, timeout_keep_alive=KEEP_ALIVE, access_log=False)

@@ -54,14 +54,15 @@ class Stream:
         self.id = request_id
         self.deadline = deadline
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.finished = False
+        self.finished = False  # the broker has sent the request's last event
 
     async def next(self) -> Event:
         remaining = self.deadline - time.monotonic()
         try:
             event = await asyncio.wait_for(self.events.get(), max(remaining, 0.001))
         except asyncio.TimeoutError:
-            event = Event("error", error=BrokerError(504, "timeout", "the request did not finish before its deadline"))
+            # Not `finished`: the job still runs somewhere, and finish() will cancel it.
+            return Event("error", error=BrokerError(504, "timeout", "the request did not finish before its deadline"))
         self.finished = event.kind != "chunk"
         return event
 
