@@ -11,18 +11,22 @@ def job(job_id: str, content: str, **params) -> dict:
     return {"id": job_id, "messages": [{"role": "user", "content": content}], "params": params}
 
 
+def collect(results: dict[str, dict], chunks: list, dones: list) -> None:
+    """Add one step's output to `results`: per id, the text, finish reason and token counts."""
+    for job_id, text in chunks:
+        results.setdefault(job_id, {"text": ""})["text"] += text
+    for job_id, text, reason, prompt_tokens, completion_tokens in dones:
+        r = results.setdefault(job_id, {"text": ""})
+        r.update(text=r["text"] + text, reason=reason, usage=(prompt_tokens, completion_tokens))
+
+
 def run_to_end(engine, max_steps: int = 500) -> dict[str, dict]:
-    """Step until idle; per id, the streamed text, the finish reason and the token counts."""
+    """Step until idle; what each sequence produced."""
     results: dict[str, dict] = {}
     for _ in range(max_steps):
         if not engine.sequences:
             return results
-        chunks, dones = engine.step()
-        for job_id, text in chunks:
-            results.setdefault(job_id, {"text": ""})["text"] += text
-        for job_id, text, reason, prompt_tokens, completion_tokens in dones:
-            r = results.setdefault(job_id, {"text": ""})
-            r.update(text=r["text"] + text, reason=reason, usage=(prompt_tokens, completion_tokens))
+        collect(results, *engine.step())
     raise AssertionError("the engine never went idle")
 
 
@@ -152,13 +156,8 @@ def test_sequences_joining_a_running_batch_generate_what_they_would_alone(smol):
             smol.add(job(job_id, prompts[int(job_id[1])], temperature=0, max_tokens=10))
         if not smol.sequences and step > 9:
             break
-        batch_sizes.append(len(smol.scheduler.running) + len(smol.scheduler.waiting))
-        chunks, dones = smol.step()
-        for job_id, text in chunks:
-            results.setdefault(job_id, {"text": ""})["text"] += text
-        for job_id, text, reason, prompt_tokens, completion_tokens in dones:
-            r = results.setdefault(job_id, {"text": ""})
-            r.update(text=r["text"] + text, reason=reason, usage=(prompt_tokens, completion_tokens))
+        batch_sizes.append(len(smol.scheduler))
+        collect(results, *smol.step())
     assert max(batch_sizes) >= 3  # they really shared forward passes
     assert results == alone
     assert smol.rows == [] and smol.cache is None  # everything left the batch
