@@ -192,3 +192,22 @@ def test_batched_greedy_output_matches_transformers_generate(smol):
         reference = smol.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
         # A reply cut by max_tokens mid-character ends without the broken half (U+FFFD).
         assert batched[f"p{i}"]["text"] == reference.rstrip("\ufffd")
+
+
+def test_unset_parameters_take_the_models_defaults():
+    defaults = {"temperature": 0.2, "top_p": 0.9}
+    assert SamplingParams.from_wire({"temperature": None, "top_p": None}, defaults) == SamplingParams(
+        temperature=0.2, top_p=0.9)
+    assert SamplingParams.from_wire({"temperature": 0.0}, defaults).temperature == 0.0  # the request wins
+
+
+def test_a_request_without_max_tokens_is_bounded():
+    from zmqchat.engine import DEFAULT_MAX_TOKENS
+
+    engine = FakeEngine(context_window=100_000)
+    engine.add(job("unbounded", "hi"))
+    assert engine.sequences["unbounded"].max_tokens == DEFAULT_MAX_TOKENS
+
+
+def test_default_model_samples_as_its_card_says(smol):
+    assert smol.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}

