@@ -15,12 +15,14 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -31,6 +33,7 @@ from zmqchat.metrics import Metrics, RequestMetrics
 
 log = logging.getLogger("zmqchat.api")
 
+WEB_DIR = Path(__file__).parent / "web"  # the chat page: plain HTML, CSS and JavaScript
 REQUEST_TIMEOUT = 300.0  # seconds a request may take, end to end, unless configured
 DRAIN_TIMEOUT = 30.0  # seconds open requests get to finish after SIGTERM
 # Idle keep-alive connections are closed after this long. Longer than a client's or load
@@ -140,6 +143,7 @@ def create_app(config: APIConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         log.info("CURVE %s", f"on, keys of {config.curve.name} in {config.curve.folder}" if config.curve else "off")
         await client.start()
+        log.info("chat page at http://%s:%d/", config.host, config.port)
         if not await client.wait_for_broker(2.0):
             log.warning("no answer yet from the broker at %s; requests get 503 until it answers", config.broker)
         yield
@@ -172,6 +176,17 @@ def create_app(config: APIConfig) -> FastAPI:
             if supplied.removeprefix("Bearer ").strip() not in config.api_keys:
                 return error_response(401, "invalid or missing API key", code="invalid_api_key")
         return await call_next(request)
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(WEB_DIR / "index.html")
+
+    @app.get("/v1/cluster")
+    async def cluster_status():
+        """The broker's STATUS (workers, models, free slots, queues), for the chat page."""
+        return await client.status()
 
     @app.get("/health")
     async def health():

@@ -91,7 +91,7 @@ def run(config: ServeConfig) -> int:
         if not wait_until_ready(config, model_name, parts, stopping):
             return 1 if not stopping else 0
         url = f"http://{config.host}:{config.port}"
-        print(f"zmqchat is serving {model_name} with {config.workers} worker(s): "
+        print(f"zmqchat is serving {model_name} with {config.workers} worker(s): chat page at {url}/ , "
               f"OpenAI API at {url}/v1 (try: curl {url}/v1/models). Ctrl-C stops.", flush=True)
         while not stopping:
             if any(part.poll() is not None for part in parts):
