@@ -211,3 +211,25 @@ def test_a_request_without_max_tokens_is_bounded():
 
 def test_default_model_samples_as_its_card_says(smol):
     assert smol.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    import torch
+
+    from zmqchat.engine import nucleus
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    weights, tokens = nucleus(probs, torch.tensor([0.7, 0.6]))
+    kept = [sorted(int(t) for t, w in zip(ts, ws) if w > 0) for ts, ws in zip(tokens, weights)]
+    assert kept[0] == [0, 1] and len(kept[1]) == 3  # 0.6 of a uniform four takes any three
+    wide = torch.softmax(torch.randn(2, 1000), -1)  # top_p 0.999 needs more than the first candidates
+    weights, tokens = nucleus(wide, torch.tensor([0.999, 0.999]))
+    assert weights.shape[-1] == 1000 and (weights > 0).sum(-1).min() > 64
+    assert nucleus(probs, torch.tensor([1.0, 1.0]))[1] is None  # no filtering: the whole distribution
+
+
+def test_ignore_eos_runs_to_max_tokens():
+    engine = FakeEngine()
+    engine.add(job("e", "two words", max_tokens=5, ignore_eos=True))
+    result = run_to_end(engine)["e"]
+    assert result["reason"] == "length" and result["usage"] == (2, 5)

@@ -94,12 +94,13 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
     def params(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return {"max_tokens": self.max_completion_tokens or self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "stop": stop}
+                "seed": self.seed, "stop": stop, "ignore_eos": self.ignore_eos}
 
 
 # -- errors -----------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ class BenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 8])
     requests: int | None = None  # per level; default 4 x concurrency, at least 8
     max_tokens: int = 64
+    temperature: float = 1.0  # sent with every request, so every server gets the same work
+    ignore_eos: bool = False  # ask for exactly max_tokens (vLLM's extension; zmqchat has it)
     stream: bool = True
     api_key: str | None = None
     timeout: float = 600.0
@@ -91,7 +93,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 async def one_request(client: httpx.AsyncClient, config: BenchConfig, prompt: str) -> Result:
     body = {"model": config.model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": config.max_tokens, "stream": config.stream}
+            "max_tokens": config.max_tokens, "temperature": config.temperature, "stream": config.stream}
+    if config.ignore_eos:
+        body["ignore_eos"] = True
     if config.stream:
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()

@@ -212,6 +212,9 @@ def format_status(report: dict) -> str:
 @click.option("--requests", type=click.IntRange(1), default=None,
               help="Requests per level [default: 4 x concurrency, at least 8].")
 @click.option("--max-tokens", type=click.IntRange(1), default=64)
+@click.option("--temperature", type=click.FloatRange(0, 2), default=1.0, help="Sent with every request.")
+@click.option("--ignore-eos", is_flag=True, help="Ask for exactly --max-tokens tokens per request "
+              "(vLLM's `ignore_eos` extension, which zmqchat serves too).")
 @click.option("--stream/--no-stream", default=True, help="Stream responses (needed for TTFT and ITL).")
 @click.option("--api-key", default=None, help="Bearer key, if the server wants one.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
@@ -220,8 +223,8 @@ def format_status(report: dict) -> str:
 @click.option("--ceiling-model", default=None, help="Model for --ceiling [default: the embedded default model].")
 @device_option
 @log_level_option
-def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, output, ceiling, ceiling_model,
-          device, log_level) -> None:
+def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignore_eos, stream, api_key, output,
+          ceiling, ceiling_model, device, log_level) -> None:
     """Load an OpenAI-compatible server and report throughput and latencies."""
     from zmqchat import bench as role
 
@@ -230,7 +233,8 @@ def bench(base_url, model, concurrency, requests, max_tokens, stream, api_key, o
     except ValueError:
         raise click.BadParameter("use comma-separated integers, e.g. 1,8,16", param_hint="--concurrency") from None
     role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=levels, requests=requests,
-                              max_tokens=max_tokens, stream=stream, api_key=api_key, output=output,
+                              max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
+                              stream=stream, api_key=api_key, output=output,
                               ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device))
 
 

@@ -46,6 +46,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens (vLLM's extension, for benchmarks)
 
     @classmethod
     def from_wire(cls, params: dict, defaults: dict | None = None) -> "SamplingParams":
@@ -60,6 +61,7 @@ class SamplingParams:
                 top_p=float(settings.get("top_p", 1.0)),
                 seed=None if settings.get("seed") is None else int(settings["seed"]),
                 stop=tuple(str(s) for s in settings.get("stop") or () if s),
+                ignore_eos=bool(settings.get("ignore_eos", False)),
             )
         except (TypeError, ValueError) as exc:
             raise RequestError(f"invalid sampling parameters: {exc}") from None
@@ -180,7 +182,7 @@ class Engine:
     def _append(self, seq: Sequence, token: int) -> str:
         """Add one sampled token; the text that may be sent now."""
         seq.output_ids.append(token)  # counted in usage even when it ends the sequence, as vLLM does
-        if token in self.stop_token_ids:
+        if token in self.stop_token_ids and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
             return self._flush(seq)
         seq.text += self._detokenize(seq)
@@ -436,6 +438,7 @@ def default_token_budget(model, device: str) -> int:
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
+NUCLEUS_CANDIDATES = 64  # likeliest tokens looked at first for top_p, before sorting a whole vocabulary
 
 
 def sample_batch(logits, params: list[SamplingParams], generators: list) -> list[int]:
@@ -445,23 +448,34 @@ def sample_batch(logits, params: list[SamplingParams], generators: list) -> list
 
     greedy = logits.argmax(-1)
     temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
-    if bool((temperatures < GREEDY_BELOW).all()):
+    sampling = temperatures >= GREEDY_BELOW
+    if not bool(sampling.any()):
         return greedy.tolist()
     probs = torch.softmax(logits.float() / temperatures.clamp(min=GREEDY_BELOW)[:, None], dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-    if bool((top_p < 1.0).any()):
-        # Keep each row's smallest prefix of likeliest tokens whose mass reaches its top_p.
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    sampled = greedy.clone()
+    weights, tokens = nucleus(probs, torch.tensor([p.top_p for p in params], device=logits.device))
+    choice = greedy.clone()
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
-        sampled[shared] = torch.multinomial(probs[shared], 1).squeeze(-1)
+        choice[shared] = torch.multinomial(weights[shared], 1).squeeze(-1)
     for i, generator in enumerate(generators):
         if generator is not None:
-            sampled[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
-    return torch.where(temperatures < GREEDY_BELOW, greedy, sampled).tolist()
+            choice[i] = torch.multinomial(weights[i], 1, generator=generator)[0]
+    sampled = choice if tokens is None else tokens.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(sampling, sampled, greedy).tolist()
+
+
+def nucleus(probs, top_p):
+    """Each row's candidate weights and, where they are not the whole vocabulary in order,
+    their token ids: the smallest set of likeliest tokens whose mass reaches the row's top_p.
+    The top NUCLEUS_CANDIDATES tokens nearly always hold that mass, and finding them costs far
+    less than sorting the vocabulary every step; only when they do not is it sorted."""
+    if bool((top_p >= 1.0).all()):
+        return probs, None
+    weights, tokens = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    if not bool(((weights.sum(-1) >= top_p) & (top_p < 1.0)).all()):
+        weights, tokens = probs.sort(dim=-1, descending=True)
+    weights[(weights.cumsum(-1) - weights) >= top_p[:, None]] = 0.0
+    return weights, tokens
 
 
 class FakeEngine(Engine):
