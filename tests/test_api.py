@@ -79,6 +79,12 @@ def test_max_tokens_ends_with_length(api):
     assert body["usage"]["completion_tokens"] == 3
 
 
+def test_sampling_options_are_accepted(api):
+    body = api.post("/v1/chat/completions", json=chat(content="a b c", temperature=0.7, top_p=0.5, top_k=5,
+                                                       presence_penalty=0.5, frequency_penalty=-0.5, seed=3)).json()
+    assert body["choices"][0]["message"]["content"] == "a b c"
+
+
 def test_stop_string_ends_the_reply_and_is_not_echoed(api):
     body = api.post("/v1/chat/completions", json=chat(content="alpha beta gamma delta", stop=["gam"])).json()
     assert body["choices"][0]["message"]["content"] == "alpha beta "
@@ -97,6 +103,9 @@ def test_stop_string_ends_the_reply_and_is_not_echoed(api):
     (chat(max_tokens=0), "max_tokens"),
     (chat(max_tokens=-5), "max_tokens"),
     (chat(n=3), "n"),
+    (chat(presence_penalty=3), "presence_penalty"),
+    (chat(frequency_penalty=-2.5), "frequency_penalty"),
+    (chat(top_k=-5), "top_k"),
     (chat(tools=[{"type": "function"}]), "tools"),
     (chat(stream="yes please"), "stream"),
 ])

@@ -234,3 +234,38 @@ def test_ignore_eos_runs_to_max_tokens():
     engine.add(job("e", "two words", max_tokens=5, ignore_eos=True))
     result = run_to_end(engine)["e"]
     assert result["reason"] == "length" and result["usage"] == (2, 5)
+
+
+def test_top_k_keeps_only_each_rows_likeliest():
+    import torch
+
+    from zmqchat.engine import top_k_only
+
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
+    kept = top_k_only(logits, [2, 0])
+    assert torch.isinf(kept[0]).tolist() == [True, False, False, True]
+    assert torch.equal(kept[1], logits[1])  # 0: no limit
+
+
+def test_penalties_push_down_what_was_already_said():
+    import torch
+
+    from zmqchat.engine import Sequence, apply_penalties
+
+    def seq(**params):
+        return Sequence("s", [1], SamplingParams(**params), 10, output_ids=[2, 2, 3])
+
+    logits = torch.zeros(2, 5)
+    out = apply_penalties(logits, [seq(frequency_penalty=0.5), seq(presence_penalty=1.0)])
+    assert out[0].tolist() == [0.0, 0.0, -1.0, -0.5, 0.0]
+    assert out[1].tolist() == [0.0, 0.0, -1.0, -1.0, 0.0]
+    assert apply_penalties(logits, [seq(), seq()]) is logits  # nothing to do, nothing copied
+
+
+def test_frequency_penalty_changes_a_repetitive_greedy_reply(smol):
+    prompt = "Repeat the word hello twenty times."
+    replies = []
+    for penalty in (0.0, 2.0):
+        smol.add(job("r", prompt, temperature=0, max_tokens=24, frequency_penalty=penalty))
+        replies.append(run_to_end(smol)["r"]["text"])
+    assert replies[0].lower().count("hello") > replies[1].lower().count("hello")

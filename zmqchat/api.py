@@ -88,6 +88,9 @@ class ChatCompletionRequest(BaseModel):
     # Left out: the model's own sampling defaults apply (else 1.0, as OpenAI's do).
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM's extension; -1 or 0: no limit
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -99,7 +102,8 @@ class ChatCompletionRequest(BaseModel):
     def params(self) -> dict:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return {"max_tokens": self.max_completion_tokens or self.max_tokens,
-                "temperature": self.temperature, "top_p": self.top_p,
+                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
                 "seed": self.seed, "stop": stop, "ignore_eos": self.ignore_eos}
 
 

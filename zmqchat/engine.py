@@ -44,6 +44,9 @@ class SamplingParams:
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_tokens (vLLM's extension, for benchmarks)
@@ -59,6 +62,9 @@ class SamplingParams:
                 max_tokens=None if settings.get("max_tokens") is None else int(settings["max_tokens"]),
                 temperature=float(settings.get("temperature", 1.0)),
                 top_p=float(settings.get("top_p", 1.0)),
+                top_k=max(0, int(settings.get("top_k", 0))),
+                presence_penalty=float(settings.get("presence_penalty", 0.0)),
+                frequency_penalty=float(settings.get("frequency_penalty", 0.0)),
                 seed=None if settings.get("seed") is None else int(settings["seed"]),
                 stop=tuple(str(s) for s in settings.get("stop") or () if s),
                 ignore_eos=bool(settings.get("ignore_eos", False)),
@@ -69,6 +75,8 @@ class SamplingParams:
             raise RequestError("max_tokens must be at least 1")
         if not (0.0 <= sp.temperature <= 2.0) or not (0.0 < sp.top_p <= 1.0):
             raise RequestError("temperature must be in [0, 2] and top_p in (0, 1]")
+        if not (-2.0 <= sp.presence_penalty <= 2.0) or not (-2.0 <= sp.frequency_penalty <= 2.0):
+            raise RequestError("presence_penalty and frequency_penalty must be in [-2, 2]")
         return sp
 
 
@@ -323,8 +331,8 @@ class HFEngine(Engine):
             if fresh:
                 logits.append(self._prefill(fresh))
             batch = self.rows  # old rows first, then the fresh ones _prefill appended
-            tokens = sample_batch(self.torch.cat(logits), [s.params for s in batch],
-                                  [s.state.generator for s in batch])
+            logits = apply_penalties(self.torch.cat(logits), batch)
+            tokens = sample_batch(logits, [s.params for s in batch], [s.state.generator for s in batch])
         by_seq = {id(s): t for s, t in zip(batch, tokens)}
         return [by_seq[id(s)] for s in seqs]
 
@@ -451,7 +459,8 @@ def sample_batch(logits, params: list[SamplingParams], generators: list) -> list
     sampling = temperatures >= GREEDY_BELOW
     if not bool(sampling.any()):
         return greedy.tolist()
-    probs = torch.softmax(logits.float() / temperatures.clamp(min=GREEDY_BELOW)[:, None], dim=-1)
+    logits = top_k_only(logits.float(), [p.top_k for p in params])
+    probs = torch.softmax(logits / temperatures.clamp(min=GREEDY_BELOW)[:, None], dim=-1)
     weights, tokens = nucleus(probs, torch.tensor([p.top_p for p in params], device=logits.device))
     choice = greedy.clone()
     shared = [i for i, g in enumerate(generators) if g is None]
@@ -462,6 +471,37 @@ def sample_batch(logits, params: list[SamplingParams], generators: list) -> list
             choice[i] = torch.multinomial(weights[i], 1, generator=generator)[0]
     sampled = choice if tokens is None else tokens.gather(-1, choice[:, None]).squeeze(-1)
     return torch.where(sampling, sampled, greedy).tolist()
+
+
+def apply_penalties(logits, seqs: list[Sequence]):
+    """OpenAI's penalties: a token already generated loses presence_penalty once and
+    frequency_penalty for each time it was generated."""
+    import torch
+
+    rows = [i for i, s in enumerate(seqs) if s.output_ids and (s.params.presence_penalty or s.params.frequency_penalty)]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    for i in rows:
+        params = seqs[i].params
+        counts = torch.bincount(torch.tensor(seqs[i].output_ids, device=logits.device),
+                                minlength=logits.shape[-1])[:logits.shape[-1]].float()
+        logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def top_k_only(logits, top_k: list[int]):
+    """Each row's logits outside its top_k likeliest tokens set to -inf (0: no limit)."""
+    import torch
+
+    if not any(top_k):
+        return logits
+    widest = min(max(top_k), logits.shape[-1])
+    kth = logits.topk(widest, dim=-1).values  # [rows, widest], descending
+    index = torch.tensor([min(k, widest) - 1 if k else widest - 1 for k in top_k], device=logits.device)
+    threshold = kth.gather(-1, index[:, None])
+    unlimited = torch.tensor([k == 0 for k in top_k], device=logits.device)[:, None]
+    return torch.where(unlimited | (logits >= threshold), logits, torch.full_like(logits, float("-inf")))
 
 
 def nucleus(probs, top_p):
