@@ -98,8 +98,11 @@ class Page:
 
 
 def test_chat_page_talks_streams_stops_and_remembers(browser, web_cluster):
+    from selenium.webdriver.support.ui import Select
+
     page = Page(browser, f"{web_cluster.url}/")
     assert page.models() == [DEFAULT_MODEL_NAME]
+    Select(page.find("#model")).select_by_visible_text(DEFAULT_MODEL_NAME)
     page.set("#temperature", "0")
     page.set("#max-tokens", "40")
 
