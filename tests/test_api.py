@@ -131,6 +131,14 @@ def test_unknown_route_gets_404_in_openai_shape(api):
 def test_models_lists_what_workers_serve(api):
     body = api.get("/v1/models").json()
     assert [m["id"] for m in body["data"]] == ["fake"]
+    assert api.get("/v1/models/fake").json() == body["data"][0]
+    assert_openai_error(api.get("/v1/models/nope"), 404, "model")
+
+
+def test_a_body_over_the_limit_gets_413(api):
+    huge = chat(content="x" * (5 * 1024 * 1024))
+    assert_openai_error(api.post("/v1/chat/completions", json=huge), 413)
+    assert api.post("/v1/chat/completions", json=chat()).status_code == 200  # and nothing broke
 
 
 def test_no_worker_gets_503_with_retry_after(cluster):

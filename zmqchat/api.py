@@ -36,6 +36,7 @@ log = logging.getLogger("zmqchat.api")
 WEB_DIR = Path(__file__).parent / "web"  # the chat page: plain HTML, CSS and JavaScript
 REQUEST_TIMEOUT = 300.0  # seconds a request may take, end to end, unless configured
 DRAIN_TIMEOUT = 30.0  # seconds open requests get to finish after SIGTERM
+MAX_BODY = 4 * 1024 * 1024  # bytes a request body may declare; more gets 413
 # Idle keep-alive connections are closed after this long. Longer than a client's or load
 # balancer's own idle timeout (60 s is common), so the server never closes a connection a
 # client is just reusing, which the client sees as a reset request.
@@ -50,6 +51,7 @@ class APIConfig:
     api_keys: tuple[str, ...] = ()
     request_timeout: float = REQUEST_TIMEOUT
     drain_timeout: float = DRAIN_TIMEOUT
+    max_body: int = MAX_BODY
     log_level: str = "info"
     curve: Curve | None = None
 
@@ -175,7 +177,11 @@ def create_app(config: APIConfig) -> FastAPI:
         return broker_error_response(exc)
 
     @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
+    async def check_request(request: Request, call_next):
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > config.max_body:
+            return error_response(413, f"the request body is over the limit of {config.max_body} bytes",
+                                  code="request_too_large")
         if config.api_keys and request.url.path.startswith("/v1"):
             supplied = request.headers.get("authorization", "")
             if supplied.removeprefix("Bearer ").strip() not in config.api_keys:
@@ -200,9 +206,14 @@ def create_app(config: APIConfig) -> FastAPI:
     @app.get("/v1/models")
     async def list_models():
         status = await client.status()
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "zmqchat"}
-            for name in sorted(status["models"])]}
+        return {"object": "list", "data": [model_card(name) for name in sorted(status["models"])]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id not in (await client.status())["models"]:
+            return error_response(404, f"The model '{model_id}' does not exist", param="model",
+                                  code="model_not_found")
+        return model_card(model_id)
 
     @app.get("/metrics")
     async def metrics_page():
@@ -319,6 +330,10 @@ class Completion:
     def _usage(done) -> dict:
         return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                 "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "zmqchat"}
 
 
 def _sse(payload: dict) -> str:
