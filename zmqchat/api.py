@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from zmqchat.client import BrokerClient, BrokerError, Stream
-from zmqchat.curve import Curve
+from zmqchat.curve import Curve, describe
 from zmqchat.metrics import Metrics, RequestMetrics
 
 log = logging.getLogger("zmqchat.api")
@@ -148,7 +148,7 @@ def create_app(config: APIConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        log.info("CURVE %s", f"on, keys of {config.curve.name} in {config.curve.folder}" if config.curve else "off")
+        log.info(describe(config.curve))
         await client.start()
         log.info("chat page at http://%s:%d/", config.host, config.port)
         if not await client.wait_for_broker(2.0):
@@ -233,6 +233,7 @@ def create_app(config: APIConfig) -> FastAPI:
             timing.failed(exc.type)
             raise
         log.debug("request %s: model %s, %d messages, stream %s", stream.id, body.model, len(messages), body.stream)
+        completion = Completion(stream, body.model, timing)
         # Wait for the first event before answering, so that an error (unknown model, no
         # worker, a prompt too long) gets its own HTTP status rather than a 200 stream.
         try:
@@ -242,10 +243,8 @@ def create_app(config: APIConfig) -> FastAPI:
             raise
         if first.kind == "error":
             client.finish(stream)
-            timing.failed(first.error.type)
-            log.info("request %s failed (%d): %s", stream.id, first.error.status, first.error.message)
+            completion.failed(first.error)
             return broker_error_response(first.error)
-        completion = Completion(stream, body.model, timing)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(completion.sse(client, first, include_usage), media_type="text/event-stream")
@@ -278,12 +277,15 @@ class Completion:
                 log.info("request %s: %s, %d prompt + %d output tokens", self.stream.id, event.finish_reason,
                          event.prompt_tokens, event.completion_tokens)
             elif event.kind == "error":
-                self.timing.failed(event.error.type)
-                log.info("request %s failed (%d): %s", self.stream.id, event.error.status, event.error.message)
+                self.failed(event.error)
             yield event
             if event.kind != "chunk":
                 return
             event = await self.stream.next()
+
+    def failed(self, error: BrokerError) -> None:
+        self.timing.failed(error.type)
+        log.info("request %s failed (%d): %s", self.stream.id, error.status, error.message)
 
     async def json(self, first) -> JSONResponse | dict:
         parts = []

@@ -9,7 +9,6 @@ p99), and failures. Output tokens are the server's own `usage.completion_tokens`
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import statistics
@@ -196,7 +195,7 @@ def measure_ceiling(model_path: str | None, batch: int, max_tokens: int, device:
 
     loaded = models.load(model_path, device=device)
     model, tokenizer, dev = loaded.model, loaded.tokenizer, loaded.device
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = models.cache_argument(model)
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                        add_generation_prompt=True), add_special_tokens=False).input_ids
                for p in PROMPTS]

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from zmqchat.broker import MAX_QUEUE, BrokerConfig
+from zmqchat.curve import from_folder
 from zmqchat.engine import DEFAULT_SLOTS
 from zmqchat.policy import POLICIES
 
@@ -46,12 +47,6 @@ def curve_name_option(default: str):
     return click.option("--curve-name", default=default, help="Whose key pair in the --curve folder to use.")
 
 
-def make_curve(folder: Path | None, name: str):
-    from zmqchat.curve import Curve
-
-    return Curve(folder, name) if folder else None
-
-
 def set_log_level(ctx: click.Context, param, value: str) -> str:
     logging.basicConfig(level=value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     return value.lower()
@@ -81,7 +76,7 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int, curve_dir, 
     from zmqchat import broker as role
 
     role.run(BrokerConfig(frontend=frontend, backend=backend, policy=policy, max_queue=max_queue,
-                          curve=make_curve(curve_dir, "broker")))
+                          curve=from_folder(curve_dir, "broker")))
 
 
 @main.command()
@@ -110,7 +105,7 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
         model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype,
         max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake, fake_delay=fake_delay,
         drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
-        curve=make_curve(curve_dir, curve_name)))
+        curve=from_folder(curve_dir, curve_name)))
 
 
 @main.command()
@@ -133,7 +128,7 @@ def api(host, port, broker, api_keys, request_timeout, drain_timeout, curve_dir,
     role.run(role.APIConfig(host=host, port=port, broker=broker, api_keys=tuple(api_keys),
                             request_timeout=request_timeout, log_level=log_level,
                             drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
-                            curve=make_curve(curve_dir, curve_name)))
+                            curve=from_folder(curve_dir, curve_name)))
 
 
 @main.command()
@@ -178,7 +173,7 @@ def status(broker: str, as_json: bool, watch: float | None, curve_dir, curve_nam
     """Show workers, models, free slots and queue depth."""
     from zmqchat.client import BrokerError, fetch_status
 
-    curve = make_curve(curve_dir, curve_name)
+    curve = from_folder(curve_dir, curve_name)
     while True:
         try:
             report = fetch_status(broker, curve=curve)

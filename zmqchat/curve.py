@@ -36,6 +36,16 @@ class Curve:
         return _load(self.folder / f"{self.name}.key_secret", secret=True)
 
 
+def from_folder(folder: Path | None, name: str) -> Curve | None:
+    """CURVE with `name`'s keys in `folder`, or None (plaintext) when there is no folder."""
+    return Curve(folder, name) if folder else None
+
+
+def describe(curve: Curve | None) -> str:
+    """For a client's start-up log line."""
+    return f"CURVE on, keys of {curve.name} in {curve.folder}" if curve else "CURVE off"
+
+
 def create_keys(name: str, folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(str(folder), name)

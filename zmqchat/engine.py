@@ -21,6 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from zmqchat.models import cache_argument
 from zmqchat.scheduler import Scheduler
 
 DEFAULT_SLOTS = 16
@@ -274,9 +275,8 @@ class HFEngine(Engine):
         if generation.do_sample:  # the model's authors chose how it should sample
             self.sampling_defaults = {"temperature": generation.temperature, "top_p": generation.top_p}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # transformers renamed `past_key_values` to `cache` in 5.x; accept either.
+        self.cache_arg = cache_argument(self.model)
         forward_args = inspect.signature(self.model.forward).parameters
-        self.cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self.last_logit_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
         self.preamble = self._shared_preamble()
         self.preamble_kv = None  # per layer (keys, values) of the preamble, computed on first use

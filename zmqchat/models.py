@@ -112,6 +112,14 @@ def resolve(model_path: str | None, model_name: str | None) -> tuple[str, str]:
     return model_path, model_name or model_path.rstrip("/").split("/")[-1]
 
 
+def cache_argument(model) -> str:
+    """The name under which `model.forward` takes a KV cache: transformers renamed
+    `past_key_values` to `cache` in 5.x; either is accepted."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def load(model_path: str | None = None, model_name: str | None = None,
          device: str = "auto", dtype: str = "auto") -> LoadedModel:
     import torch

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zmqchat.client import BrokerError, fetch_status
-from zmqchat.curve import Curve
+from zmqchat.curve import from_folder
 
 log = logging.getLogger("zmqchat.serve")
 
@@ -105,7 +105,7 @@ def run(config: ServeConfig) -> int:
 
 
 def wait_until_ready(config: ServeConfig, model_name: str, parts: list, stopping: list) -> bool:
-    curve = Curve(config.curve_dir, "status") if config.curve_dir else None
+    curve = from_folder(config.curve_dir, "status")
     deadline = time.monotonic() + config.ready_timeout
     joined = -1
     while not stopping and time.monotonic() < deadline:

@@ -28,7 +28,7 @@ import zmq
 
 from zmqchat import protocol as p
 from zmqchat.broker import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from zmqchat.curve import Curve, secure_client
+from zmqchat.curve import Curve, describe, secure_client
 from zmqchat.engine import DEFAULT_SLOTS, Engine, RequestError
 
 log = logging.getLogger("zmqchat.worker")
@@ -277,7 +277,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
 def run(config: WorkerConfig) -> None:
     engine, device = build_engine(config)
     worker = Worker(config, engine, device)
-    log.info("CURVE %s", f"on, keys of {config.curve.name} in {config.curve.folder}" if config.curve else "off")
+    log.info(describe(config.curve))
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     worker.run()
