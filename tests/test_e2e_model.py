@@ -63,3 +63,37 @@ def test_curl_gets_paris(server):
     out = subprocess.run(["curl", "-sS", f"{server}/v1/chat/completions", "-H", "Content-Type: application/json",
                           "-d", body], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "Paris" in json.loads(out)["choices"][0]["message"]["content"]
+
+
+def test_logprobs_are_the_models_own(client):
+    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=8,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    for entry in content:  # greedy decoding picks the likeliest token, which leads the alternatives
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+
+
+def test_n_sampled_choices_differ(client):
+    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, n=4, temperature=1.0, max_tokens=12, seed=1,
+                                           messages=[{"role": "user", "content": "Write a short poem about tea."}])
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert len({c.message.content for c in reply.choices}) > 1  # each choice samples with its own seed
+
+
+def test_the_context_window_is_counted_with_the_models_tokenizer(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, max_tokens=100,
+                                       messages=[{"role": "user", "content": "hello " * 8100}])
+    assert info.value.code == "context_length_exceeded" and "8192 tokens" in info.value.message
+
+
+def test_completion_continues_raw_text(client):
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                      echo=True, logprobs=1)
+    choice = reply.choices[0]
+    assert choice.text.startswith(prompt)
+    assert "".join(choice.logprobs.tokens) == choice.text[len(prompt):]
+    assert choice.logprobs.text_offset[0] == len(prompt)

@@ -12,12 +12,18 @@ def job(job_id: str, content: str, **params) -> dict:
 
 
 def collect(results: dict[str, dict], chunks: list, dones: list) -> None:
-    """Add one step's output to `results`: per id, the text, finish reason and token counts."""
-    for job_id, text in chunks:
-        results.setdefault(job_id, {"text": ""})["text"] += text
-    for job_id, text, reason, prompt_tokens, completion_tokens in dones:
+    """Add one step's output to `results`: per id, the text, finish reason and token counts,
+    and the logprob entries of a sequence that asked for them."""
+    for job_id, text, *logprobs in chunks:
+        r = results.setdefault(job_id, {"text": ""})
+        r["text"] += text
+        if logprobs:
+            r.setdefault("logprobs", []).extend(logprobs[0])
+    for job_id, text, reason, prompt_tokens, completion_tokens, *logprobs in dones:
         r = results.setdefault(job_id, {"text": ""})
         r.update(text=r["text"] + text, reason=reason, usage=(prompt_tokens, completion_tokens))
+        if logprobs:
+            r.setdefault("logprobs", []).extend(logprobs[0])
 
 
 def run_to_end(engine, max_steps: int = 500) -> dict[str, dict]:
@@ -76,8 +82,50 @@ def test_cancel_removes_the_sequence_and_confirms():
 
 def test_prompt_beyond_the_context_window_is_refused():
     engine = FakeEngine(context_window=4)
-    with pytest.raises(RequestError, match="context window is 4 tokens"):
+    with pytest.raises(RequestError, match="maximum context length is 4 tokens"):
         engine.add(job("big", "one two three four five"))
+
+
+def test_prompt_plus_max_tokens_beyond_the_window_is_refused_with_the_numbers():
+    engine = FakeEngine(context_window=10)
+    with pytest.raises(RequestError, match=r"context length is 10 tokens.*requested 13 tokens \(3 in the prompt, "
+                                           r"10 for the completion\)"):
+        engine.add(job("big", "one two three", max_tokens=10))
+    engine.add(job("fits", "one two three", max_tokens=7))
+
+
+def test_logprobs_leave_with_their_text_and_never_for_a_stop_string():
+    engine = FakeEngine()
+    engine.add(job("s", "one two END three", stop=["two EN"], logprobs=2))
+    result = run_to_end(engine)["s"]
+    assert result["text"] == "one "
+    assert result["logprobs"] == [["one ", 0.0, [["one ", 0.0], ["</s>", -9999.0]], 0]]
+
+
+def test_logprobs_cover_every_token_of_a_reply_in_order():
+    engine = FakeEngine()
+    engine.add(job("l", "a bb ccc", logprobs=0))
+    result = run_to_end(engine)["l"]
+    assert [e[0] for e in result["logprobs"]] == ["a ", "bb ", "ccc"]  # no entry for end-of-sequence
+    assert [e[3] for e in result["logprobs"]] == [0, 2, 5] and all(e[2] == [] for e in result["logprobs"])
+
+
+def test_a_completion_echoes_its_prompt_before_the_output():
+    engine = FakeEngine()
+    engine.add({"id": "e", "prompt": "say this", "params": {"echo": True, "logprobs": 0}})
+    result = run_to_end(engine)["e"]
+    assert result["text"] == "say thissay this"
+    assert [e[3] for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
+
+
+def test_a_prompt_of_token_ids_is_checked_against_the_vocabulary():
+    engine = FakeEngine()
+    ids = engine.encode_text("red green blue")
+    engine.add({"id": "ids", "prompt": ids, "params": {"echo": True}})
+    assert run_to_end(engine)["ids"]["text"] == "red green bluered green blue"
+    for bad in ([], [engine.vocab_size], [-1], ["red"]):
+        with pytest.raises(RequestError, match="token ids"):
+            engine.add({"id": "bad", "prompt": bad, "params": {}})
 
 
 def test_a_full_engine_refuses_more_work():
@@ -89,7 +137,8 @@ def test_a_full_engine_refuses_more_work():
 
 
 @pytest.mark.parametrize("params", [{"temperature": "hot"}, {"temperature": 9}, {"top_p": 0},
-                                    {"max_tokens": 0}, {"temperature": float("nan")}])
+                                    {"max_tokens": 0}, {"temperature": float("nan")}, {"logprobs": 21},
+                                    {"stop": [f"s{i}" for i in range(17)]}])
 def test_bad_sampling_parameters_are_refused(params):
     with pytest.raises(RequestError):
         SamplingParams.from_wire(params)
@@ -136,7 +185,7 @@ def test_streamed_text_is_exact_across_multibyte_characters(smol, text):
 
     ids = smol.tokenizer(text, add_special_tokens=False).input_ids
     seq = Sequence("x", [1], SamplingParams(), max_tokens=len(ids) + 1)
-    pieces = [smol._append(seq, token) for token in ids]
+    pieces = [smol._append(seq, token, None) for token in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + smol._flush(seq) == text
 
@@ -186,7 +235,7 @@ def test_batched_greedy_output_matches_transformers_generate(smol):
         smol.add(job(f"p{i}", prompt, temperature=0, max_tokens=16))
     batched = run_to_end(smol)
     for i, prompt in enumerate(prompts):
-        ids = smol.encode_prompt([{"role": "user", "content": prompt}])
+        ids = smol.encode_chat([{"role": "user", "content": prompt}])
         with torch.inference_mode():
             out = smol.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
         reference = smol.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
@@ -269,3 +318,24 @@ def test_frequency_penalty_changes_a_repetitive_greedy_reply(smol):
         smol.add(job("r", prompt, temperature=0, max_tokens=24, frequency_penalty=penalty))
         replies.append(run_to_end(smol)["r"]["text"])
     assert replies[0].lower().count("hello") > replies[1].lower().count("hello")
+
+
+def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
+    import math
+
+    smol.add(job("lp", "What is the capital of France?", temperature=0, max_tokens=12, logprobs=3))
+    result = run_to_end(smol)["lp"]
+    entries = result["logprobs"]
+    assert "".join(e[0] for e in entries) == result["text"]
+    for token, logprob, top, _ in entries:
+        assert len(top) == 3 and top[0][0] == token and top[0][1] == logprob  # greedy: the likeliest
+        assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+        assert logprob <= 0 and sum(math.exp(lp) for _, lp in top) <= 1.0001
+
+
+def test_default_model_completes_raw_text(smol):
+    prompt = "The capital of France is"
+    smol.add({"id": "c", "prompt": prompt, "params": {"temperature": 0, "max_tokens": 8, "echo": True}})
+    result = run_to_end(smol)["c"]
+    assert result["text"].startswith(prompt) and len(result["text"]) > len(prompt)
+    assert result["usage"] == (len(smol.tokenizer(prompt).input_ids), 8)

@@ -1,9 +1,10 @@
 """The API frontend: OpenAI's HTTP API in front of the broker.
 
-A request is validated here (pydantic, at the HTTP boundary), given an id and sent to the
-broker as one SUBMIT over the process's single BrokerClient. The answer comes back as
-CHUNK/DONE/ERROR events and leaves as one JSON body or as server-sent events in OpenAI's
-chunk format. A client that goes away mid-stream makes the client send CANCEL.
+A request is validated here (pydantic, at the HTTP boundary) and sent to the broker as one
+SUBMIT per choice (n choices of a chat; n per prompt of a completion) over the process's
+single BrokerClient. The choices' CHUNK/DONE/ERROR events come back interleaved and leave as
+one JSON body or as server-sent events in OpenAI's chunk format. A client that goes away
+mid-stream makes the client send CANCEL.
 
 Every error a client sees is shaped in one place, `error_response()`:
 {"error": {"message", "type", "param", "code"}} with an honest HTTP status.
@@ -11,24 +12,26 @@ Every error a client sees is shaped in one place, `error_response()`:
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 
 from zmqchat.client import BrokerClient, BrokerError, Stream
 from zmqchat.curve import Curve, describe
+from zmqchat.engine import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from zmqchat.metrics import Metrics, RequestMetrics
 
 log = logging.getLogger("zmqchat.api")
@@ -36,7 +39,10 @@ log = logging.getLogger("zmqchat.api")
 WEB_DIR = Path(__file__).parent / "web"  # the chat page: plain HTML, CSS and JavaScript
 REQUEST_TIMEOUT = 300.0  # seconds a request may take, end to end, unless configured
 DRAIN_TIMEOUT = 30.0  # seconds open requests get to finish after SIGTERM
-MAX_BODY = 4 * 1024 * 1024  # bytes a request body may declare; more gets 413
+MAX_BODY = 4 * 1024 * 1024  # bytes of request body; more gets 413
+MAX_N = 16  # choices of one prompt
+MAX_CHOICES = 128  # choices of one request: prompts x n
+MAX_INT = 2**31 - 1  # for counts: more is a mistake, and would not fit the wire's integers
 # Idle keep-alive connections are closed after this long. Longer than a client's or load
 # balancer's own idle timeout (60 s is common), so the server never closes a connection a
 # client is just reusing, which the client sees as a reset request.
@@ -56,57 +62,128 @@ class APIConfig:
     curve: Curve | None = None
 
 
+def read_api_keys(path: Path) -> list[str]:
+    """The keys in a keys file: one per line; blank lines and lines starting with # skipped."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise ValueError(f"{path} holds no API keys")
+    return keys
+
+
 # -- request schemas --------------------------------------------------------------------------
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown parameter is a 400 that names it
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextPart]
     name: str | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+    def wire(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseFormat(Strict):
+    type: Literal["text"]  # JSON modes would need constrained decoding, which zmqchat does not do
+
+
+Count = Annotated[int, Field(ge=1, le=MAX_INT)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
+
+
+class GenerationRequest(Strict):
+    """What chat and text completions share."""
+
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Count | None = None
     # Left out: the model's own sampling defaults apply (else 1.0, as OpenAI's do).
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # vLLM's extension; -1 or 0: no limit
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT)  # vLLM's extension; -1 or 0: no limit
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
-    def params(self) -> dict:
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def params(self, index: int) -> dict:
+        """The sampling parameters of choice `index`. A seeded request's choices get seeds of
+        their own, so that n choices differ and the same request gives the same n again."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return {"max_tokens": self.max_completion_tokens or self.max_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "seed": self.seed, "stop": stop, "ignore_eos": self.ignore_eos}
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "stop": stop, "ignore_eos": self.ignore_eos,
+                "seed": None if self.seed is None else (self.seed + index) % 2**63}
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Count | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return value
+
+    def choices(self) -> list[dict]:
+        messages = [m.wire() for m in self.messages]
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return [{"messages": messages, "params": {**self.params(i), "max_tokens": max_tokens, "logprobs": logprobs}}
+                for i in range(self.n)]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: Count | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _choices_within_limit(cls, prompt, info: ValidationInfo):
+        if len(cls.each_prompt(prompt)) * info.data.get("n", 1) > MAX_CHOICES:
+            raise ValueError(f"a request may ask for at most {MAX_CHOICES} choices (prompts x n)")
+        return prompt
+
+    @staticmethod
+    def each_prompt(prompt) -> list[str | list[int]]:
+        """A string or a list of token ids is one prompt; other lists are lists of prompts."""
+        return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+
+    def prompts(self) -> list[str | list[int]]:
+        return self.each_prompt(self.prompt)
+
+    def choices(self) -> list[dict]:
+        """n choices per prompt, prompt by prompt, as OpenAI numbers them."""
+        return [{"prompt": prompt, "params": {**self.params(i), "echo": self.echo, "logprobs": self.logprobs}}
+                for prompt in self.prompts() for i in range(self.n)]
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -133,11 +210,73 @@ def broker_error_response(error: BrokerError) -> JSONResponse:
 
 
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    message = first.get("msg", "invalid request")
+    error = max(exc.errors(), key=_specificity)
+    if error["type"] == "json_invalid":
+        return error_response(400, f"the request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
+    location = [str(part) for part in error.get("loc", ()) if not _union_branch(part)]
+    if location == ["body"]:
+        return error_response(400, "the request body must be a JSON object")
+    param = ".".join(location).removeprefix("body.") or None
+    if error["type"] == "extra_forbidden":
+        message = "this parameter is not supported by zmqchat"
+    else:
+        message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
     return error_response(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _specificity(error: dict) -> tuple:
+    """For a value that fits no branch of a union, pydantic reports every branch. The one to
+    tell the client about is a branch of the value's own type ("too many stop strings", not
+    "stop should be a string"), and the deepest of those (a text part's bad "type")."""
+    return not error["type"].endswith("_type"), len(error.get("loc", ()))
+
+
+def _union_branch(part) -> bool:
+    """pydantic's name for a branch of a union in an error's location ("str", "list[int]")."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part or "-" in part)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, whether it declares its
+    length or arrives in chunks without one. The body is read here, at most `limit` bytes of
+    it, and handed on whole."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        body, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+        whole = {"type": "http.request", "body": b"".join(body), "more_body": False}
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return whole
+            return await receive()  # after the body: the disconnect a streaming response watches for
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, f"the request body is over the limit of {self.limit} bytes",
+                                  code="request_too_large")
+        await response(scope, receive, send)
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -145,6 +284,7 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
 def create_app(config: APIConfig) -> FastAPI:
     client = BrokerClient(config.broker, config.curve)
     metrics = Metrics()
+    api_keys = [key.encode() for key in config.api_keys]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -158,6 +298,7 @@ def create_app(config: APIConfig) -> FastAPI:
 
     app = FastAPI(title="zmqchat", lifespan=lifespan)
     app.state.client = client
+    app.add_middleware(BodyLimit, limit=config.max_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -165,6 +306,8 @@ def create_app(config: APIConfig) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            return error_response(400, f"the request body could not be read: {exc.__cause__}")
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -176,16 +319,15 @@ def create_app(config: APIConfig) -> FastAPI:
     async def on_broker_error(request: Request, exc: BrokerError):
         return broker_error_response(exc)
 
+    def authorised(request: Request) -> bool:
+        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+        # compare_digest: how long a wrong key takes to refuse says nothing about the right ones
+        return any([hmac.compare_digest(supplied, key) for key in api_keys])
+
     @app.middleware("http")
-    async def check_request(request: Request, call_next):
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > config.max_body:
-            return error_response(413, f"the request body is over the limit of {config.max_body} bytes",
-                                  code="request_too_large")
-        if config.api_keys and request.url.path.startswith("/v1"):
-            supplied = request.headers.get("authorization", "")
-            if supplied.removeprefix("Bearer ").strip() not in config.api_keys:
-                return error_response(401, "invalid or missing API key", code="invalid_api_key")
+    async def check_api_key(request: Request, call_next):
+        if api_keys and request.url.path.startswith("/v1") and not authorised(request):
+            return error_response(401, "invalid or missing API key", code="invalid_api_key")
         return await call_next(request)
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
@@ -223,17 +365,16 @@ def create_app(config: APIConfig) -> FastAPI:
             status = None
         return Response(metrics.render(status), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    async def generate(body: GenerationRequest, completion_type: type[Completion]):
         timing = RequestMetrics(metrics, body.model)
         try:
-            stream = client.submit(body.model, messages, body.params(), config.request_timeout)
+            stream = client.submit(body.model, body.choices(), config.request_timeout)
         except BrokerError as exc:
             timing.failed(exc.type)
             raise
-        log.debug("request %s: model %s, %d messages, stream %s", stream.id, body.model, len(messages), body.stream)
-        completion = Completion(stream, body.model, timing)
+        log.debug("request %s: %s, model %s, %d choices, stream %s", stream.id, completion_type.__name__,
+                  body.model, len(stream.job_ids), body.stream)
+        completion = completion_type(stream, body, timing)
         # Wait for the first event before answering, so that an error (unknown model, no
         # worker, a prompt too long) gets its own HTTP status rather than a 200 stream.
         try:
@@ -246,25 +387,40 @@ def create_app(config: APIConfig) -> FastAPI:
             completion.failed(first.error)
             return broker_error_response(first.error)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(completion.sse(client, first, include_usage), media_type="text/event-stream")
+            return StreamingResponse(completion.sse(client, first), media_type="text/event-stream")
         try:
             return await completion.json(first)
         finally:
             client.finish(stream)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        return await generate(body, ChatCompletion)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await generate(body, TextCompletion)
+
     return app
 
 
-class Completion:
-    """Turns one request's events into an OpenAI chat.completion or its chunk stream."""
+# -- responses --------------------------------------------------------------------------------
 
-    def __init__(self, stream: Stream, model: str, timing: RequestMetrics):
+class Completion:
+    """Turns one request's events into an OpenAI response or its chunk stream. The choices'
+    events come interleaved; each choice ends with its "done", the request with the last
+    choice's, or with the first error. Subclasses shape the choices of their API."""
+
+    object: str
+    id_prefix: str
+
+    def __init__(self, stream: Stream, request: GenerationRequest, timing: RequestMetrics):
         self.stream = stream
-        self.id = f"chatcmpl-{stream.id}"
-        self.model = model
+        self.request = request
+        self.id = f"{self.id_prefix}{stream.id}"
         self.created = int(time.time())
         self.timing = timing
+        self.dones: dict[int, object] = {}  # each choice's "done" event, by index
 
     async def events(self, first):
         """The request's events from `first` to its end, each counted in the metrics."""
@@ -272,47 +428,65 @@ class Completion:
         while True:
             if event.kind == "chunk" or (event.kind == "done" and event.text):
                 self.timing.output()
-            if event.kind == "done":
-                self.timing.finished(event.finish_reason, event.prompt_tokens, event.completion_tokens)
-                log.info("request %s: %s, %d prompt + %d output tokens", self.stream.id, event.finish_reason,
-                         event.prompt_tokens, event.completion_tokens)
-            elif event.kind == "error":
+            if event.kind == "error":
                 self.failed(event.error)
+                yield event
+                return
+            if event.kind == "done":
+                self.dones[event.index] = event
             yield event
-            if event.kind != "chunk":
+            if self.stream.finished:
+                self._finished()
                 return
             event = await self.stream.next()
+
+    def _finished(self) -> None:
+        usage = self._usage()
+        reasons = {done.finish_reason for done in self.dones.values()}
+        outcome = reasons.pop() if len(reasons) == 1 else "mixed"
+        self.timing.finished(outcome, usage["prompt_tokens"], usage["completion_tokens"])
+        log.info("request %s: %s, %d prompt + %d output tokens", self.stream.id, outcome,
+                 usage["prompt_tokens"], usage["completion_tokens"])
 
     def failed(self, error: BrokerError) -> None:
         self.timing.failed(error.type)
         log.info("request %s failed (%d): %s", self.stream.id, error.status, error.message)
 
+    def _usage(self) -> dict:
+        # The n choices of one prompt read it once: its tokens are counted once.
+        prompt = sum(d.prompt_tokens for i, d in self.dones.items() if i % self.request.n == 0)
+        completion = sum(d.completion_tokens for d in self.dones.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
     async def json(self, first) -> JSONResponse | dict:
-        parts = []
+        texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list] = {}
         async for event in self.events(first):
             if event.kind == "error":
                 return broker_error_response(event.error)
-            parts.append(event.text)
-        return {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": event.finish_reason}],
-            "usage": self._usage(event),
-        }
+            texts.setdefault(event.index, []).append(event.text)
+            logprobs.setdefault(event.index, []).extend(event.logprobs or [])
+        choices = [self.choice(i, "".join(texts[i]), logprobs[i], self.dones[i].finish_reason)
+                   for i in sorted(self.dones)]
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.request.model,
+                "choices": choices, "usage": self._usage()}
 
-    async def sse(self, client: BrokerClient, first, include_usage: bool):
+    async def sse(self, client: BrokerClient, first):
         completed = False
         try:
-            yield self._chunk({"role": "assistant", "content": ""})
+            for opening in self.opening_chunks():
+                yield opening
             async for event in self.events(first):
                 if event.kind == "error":
                     yield _sse(error_body(event.error.status, event.error.message, code=event.error.type))
-                elif event.text:
-                    yield self._chunk({"content": event.text})
-            if event.kind == "done":
-                yield self._chunk({}, event.finish_reason)
-                if include_usage:
-                    yield _sse({**self._header(), "choices": [], "usage": self._usage(event)})
+                    break
+                if event.text or event.logprobs:
+                    yield self._chunk(self.chunk_choice(event.index, event.text, event.logprobs, None))
+                if event.kind == "done":
+                    yield self._chunk(self.chunk_choice(event.index, None, None, event.finish_reason))
+            else:
+                if self.request.include_usage:
+                    yield _sse({**self._header(), "choices": [], "usage": self._usage()})
             yield "data: [DONE]\n\n"
             completed = True
         finally:
@@ -323,15 +497,72 @@ class Completion:
             client.finish(self.stream)
 
     def _header(self) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.request.model}
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> str:
-        return _sse({**self._header(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+    def _chunk(self, choice: dict) -> str:
+        return _sse({**self._header(), "choices": [choice]})
 
-    @staticmethod
-    def _usage(done) -> dict:
-        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                "total_tokens": done.prompt_tokens + done.completion_tokens}
+    # -- the API's shapes, supplied by subclasses -----------------------------------------
+
+    def opening_chunks(self) -> list[str]:
+        """What a stream sends before any output."""
+        return []
+
+    def choice(self, index: int, text: str, logprobs: list, finish_reason: str) -> dict:
+        raise NotImplementedError
+
+    def chunk_choice(self, index: int, text: str | None, logprobs: list | None, finish_reason: str | None) -> dict:
+        raise NotImplementedError
+
+
+class ChatCompletion(Completion):
+    object = "chat.completion"
+    id_prefix = "chatcmpl-"
+
+    def _header(self) -> dict:
+        return {**super()._header(), "object": "chat.completion.chunk"}
+
+    def opening_chunks(self) -> list[str]:
+        """The role, first, in each choice's first delta, as OpenAI's clients expect."""
+        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}) for i in range(self.request.n)]
+
+    def choice(self, index, text, logprobs, finish_reason) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+
+    def chunk_choice(self, index, text, logprobs, finish_reason) -> dict:
+        delta = {} if text is None else {"content": text}
+        return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+
+    def _logprobs(self, entries: list | None) -> dict | None:
+        if not self.request.logprobs or entries is None:
+            return None
+        return {"content": [{**_token_logprob(token, logprob),
+                             "top_logprobs": [_token_logprob(t, lp) for t, lp in top]}
+                            for token, logprob, top, _ in entries]}
+
+
+class TextCompletion(Completion):
+    object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def choice(self, index, text, logprobs, finish_reason) -> dict:
+        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+
+    def chunk_choice(self, index, text, logprobs, finish_reason) -> dict:
+        return self.choice(index, text or "", logprobs, finish_reason)
+
+    def _logprobs(self, entries: list | None) -> dict | None:
+        """The legacy shape: parallel lists, top alternatives as {token: logprob}."""
+        if self.request.logprobs is None or entries is None:
+            return None
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [dict(e[2]) for e in entries], "text_offset": [e[3] for e in entries]}
+
+
+def _token_logprob(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
 def model_card(name: str) -> dict:

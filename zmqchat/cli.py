@@ -56,6 +56,21 @@ log_level_option = click.option("--log-level", type=LOG_LEVELS, default="info", 
                                 is_eager=True, help="Least severe log level printed.")
 api_key_option = click.option("--api-key", "api_keys", multiple=True,
                               help="Require this Bearer key on /v1 routes (repeatable).")
+api_key_file_option = click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                                   default=None, help="Also accept the keys in this file, one per line "
+                                   "(# starts a comment). Keeps keys off the command line.")
+
+
+def all_api_keys(api_keys: tuple[str, ...], api_key_file: Path | None) -> tuple[str, ...]:
+    from zmqchat.api import read_api_keys
+
+    try:
+        keys = tuple(api_keys) + tuple(read_api_keys(api_key_file) if api_key_file else ())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--api-key-file") from None
+    if any(len(key.split()) != 1 for key in keys):
+        raise click.BadParameter("an API key may not be empty or hold spaces", param_hint="--api-key")
+    return keys
 
 
 @click.group(context_settings={"auto_envvar_prefix": "ZMQCHAT", "show_default": True,
@@ -113,19 +128,21 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
 @click.option("--port", type=int, default=8000, help="HTTP port.")
 @click.option("--broker", default=FRONTEND, help="The broker's frontend address.")
 @api_key_option
+@api_key_file_option
 @click.option("--timeout", "request_timeout", type=click.FloatRange(0.1), default=300.0,
               help="Seconds a request may take before it fails with 504.")
 @drain_option
 @curve_option
 @curve_name_option("api")
 @log_level_option
-def api(host, port, broker, api_keys, request_timeout, drain_timeout, curve_dir, curve_name, log_level) -> None:
+def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeout, curve_dir, curve_name,
+        log_level) -> None:
     """Run the OpenAI-compatible HTTP API in front of the broker.
 
     SIGTERM stops taking connections and lets open requests finish (--drain-timeout)."""
     from zmqchat import api as role
 
-    role.run(role.APIConfig(host=host, port=port, broker=broker, api_keys=tuple(api_keys),
+    role.run(role.APIConfig(host=host, port=port, broker=broker, api_keys=all_api_keys(api_keys, api_key_file),
                             request_timeout=request_timeout, log_level=log_level,
                             drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
                             curve=from_folder(curve_dir, curve_name)))
@@ -145,20 +162,21 @@ def api(host, port, broker, api_keys, request_timeout, drain_timeout, curve_dir,
 @max_batch_option
 @max_tokens_option
 @api_key_option
+@api_key_file_option
 @fake_option
 @fake_delay_option
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Turn CURVE on between the parts, with keys in this folder (created if missing).")
 @log_level_option
 def serve(model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype,
-          max_batch, max_tokens_in_flight, api_keys, fake, fake_delay, curve_dir, log_level) -> None:
+          max_batch, max_tokens_in_flight, api_keys, api_key_file, fake, fake_delay, curve_dir, log_level) -> None:
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
     from zmqchat import serve as role
 
     sys.exit(role.run(role.ServeConfig(
         model_path=model_path, model_name=model_name, workers=workers, host=host, port=port,
         frontend=frontend, backend=backend, policy=policy, device=device, dtype=dtype,
-        max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, api_keys=tuple(api_keys),
+        max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, api_keys=all_api_keys(api_keys, api_key_file),
         fake=fake, fake_delay=fake_delay, curve_dir=curve_dir, log_level=log_level)))
 
 

@@ -1,7 +1,9 @@
 """A frontend's connection to the broker: one asyncio DEALER shared by every request.
 
-`submit()` sends a SUBMIT and returns a Stream; one reader task receives everything the
-broker sends and puts each CHUNK, DONE or ERROR entry on the stream of its request id.
+`submit()` sends one SUBMIT per choice of a request (n choices, or one per prompt of a
+completion) and returns one Stream for them all; one reader task receives everything the
+broker sends and puts each CHUNK, DONE or ERROR entry on its request's stream, marked with
+its choice's index, so that the choices arrive interleaved as they are generated.
 `status()` asks the broker for its STATUS. A heartbeat task pings the broker; while it is
 silent for HEARTBEAT_LIVENESS intervals the client counts it as down: new requests fail at
 once and requests in flight end with an error instead of waiting for their deadline. The
@@ -45,25 +47,34 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BrokerError | None = None
+    index: int = 0  # the choice it belongs to
+    logprobs: list | None = None  # entries [token, logprob, [[token, logprob], ...], text offset]
 
 
 class Stream:
-    """The events of one request, in order, ending with a "done" or "error" event."""
+    """The events of one request's choices, in order of arrival: a choice's last event is
+    "done"; an "error" event ends the request (finish() cancels the choices still running)."""
 
-    def __init__(self, request_id: str, deadline: float):
+    def __init__(self, request_id: str, choices: int, deadline: float):
         self.id = request_id
+        self.job_ids = [f"{request_id}-{i}" for i in range(choices)]
         self.deadline = deadline
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.finished = False  # the broker has sent the request's last event
+        self.running = set(range(choices))  # choices whose last event has not come
+
+    @property
+    def finished(self) -> bool:
+        return not self.running
 
     async def next(self) -> Event:
         remaining = self.deadline - time.monotonic()
         try:
             event = await asyncio.wait_for(self.events.get(), max(remaining, 0.001))
         except asyncio.TimeoutError:
-            # Not `finished`: the job still runs somewhere, and finish() will cancel it.
+            # The choices still run somewhere, and finish() will cancel them.
             return Event("error", error=BrokerError(504, "timeout", "the request did not finish before its deadline"))
-        self.finished = event.kind != "chunk"
+        if event.kind != "chunk":
+            self.running.discard(event.index)
         return event
 
 
@@ -74,7 +85,7 @@ class BrokerClient:
         self.curve = curve
         self.heartbeat_interval = heartbeat_interval
         self.liveness = heartbeat_interval * heartbeat_liveness
-        self.streams: dict[str, Stream] = {}
+        self.jobs: dict[str, tuple[Stream, int]] = {}  # job id -> its request's stream, choice index
         self.status_waiters: dict[str, asyncio.Future] = {}
         self.last_heard = 0.0
         self.broker_id: str | None = None
@@ -118,24 +129,30 @@ class BrokerClient:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def submit(self, model: str, messages: list[dict], params: dict, timeout: float) -> Stream:
+    def submit(self, model: str, choices: list[dict], timeout: float) -> Stream:
+        """Start a request: `choices` holds, per choice, its prompt ("messages" or "prompt")
+        and "params"."""
         if not self.broker_up:
             raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} is not answering")
-        stream = Stream(uuid.uuid4().hex, time.monotonic() + timeout)
-        self._send(p.SUBMIT, {"id": stream.id, "model": model, "timeout": timeout,
-                              "messages": messages, "params": params})
-        self.streams[stream.id] = stream
+        stream = Stream(uuid.uuid4().hex, len(choices), time.monotonic() + timeout)
+        try:
+            for index, (job_id, choice) in enumerate(zip(stream.job_ids, choices)):
+                self._send(p.SUBMIT, {"id": job_id, "model": model, "timeout": timeout, **choice})
+                self.jobs[job_id] = (stream, index)
+        except BrokerError:
+            self.finish(stream)
+            raise
         return stream
 
     def finish(self, stream: Stream) -> None:
-        """The caller is done with `stream`; if it had not ended, the job is cancelled."""
-        self.streams.pop(stream.id, None)
-        if not stream.finished:
-            stream.finished = True
+        """The caller is done with `stream`; choices still running are cancelled."""
+        running = [job_id for job_id in stream.job_ids if self.jobs.pop(job_id, None)]
+        stream.running.clear()
+        if running:
             try:
-                self._send(p.CANCEL, {"ids": [stream.id]})
+                self._send(p.CANCEL, {"ids": running})
             except BrokerError:
-                pass  # the broker is gone, and the job with it
+                pass  # the broker is gone, and the jobs with it
 
     async def status(self, timeout: float = 3.0) -> dict:
         token = uuid.uuid4().hex
@@ -163,11 +180,12 @@ class BrokerClient:
 
     def _dispatch(self, command: bytes, body) -> None:
         if command == p.CHUNK:
-            for request_id, text in body:
-                self._deliver(request_id, Event("chunk", text))
+            for job_id, text, *logprobs in body:
+                self._deliver(job_id, Event("chunk", text, logprobs=logprobs[0] if logprobs else None))
         elif command == p.DONE:
-            for request_id, text, reason, prompt_tokens, completion_tokens in body:
-                self._deliver(request_id, Event("done", text, reason, prompt_tokens, completion_tokens))
+            for job_id, text, reason, prompt_tokens, completion_tokens, *logprobs in body:
+                self._deliver(job_id, Event("done", text, reason, prompt_tokens, completion_tokens,
+                                            logprobs=logprobs[0] if logprobs else None))
         elif command == p.ERROR:
             error = BrokerError(int(body["status"]), str(body["type"]), str(body["message"]))
             self._deliver(body["id"], Event("error", error=error))
@@ -180,16 +198,17 @@ class BrokerClient:
 
     def _check_broker_id(self, broker_id: str | None) -> None:
         if self.broker_id is not None and broker_id != self.broker_id:
-            log.warning("the broker at %s restarted; failing %d requests in flight", self.address, len(self.streams))
+            log.warning("the broker at %s restarted; failing the requests in flight", self.address)
             self._fail_all(BrokerError(503, "broker_unavailable", "the broker restarted and lost this request"))
         self.broker_id = broker_id
 
-    def _deliver(self, request_id: str, event: Event) -> None:
-        stream = self.streams.get(request_id)
-        if stream is None:
+    def _deliver(self, job_id: str, event: Event) -> None:
+        route = self.jobs.get(job_id)
+        if route is None:
             return  # its client left: the broker will see our CANCEL
         if event.kind != "chunk":
-            del self.streams[request_id]
+            del self.jobs[job_id]
+        stream, event.index = route
         stream.events.put_nowait(event)
 
     async def _heartbeat(self) -> None:
@@ -202,14 +221,15 @@ class BrokerClient:
             await asyncio.sleep(self.heartbeat_interval)
             up = self.broker_up
             if was_up and not up:
-                log.warning("lost the broker at %s; failing %d requests in flight", self.address, len(self.streams))
+                log.warning("lost the broker at %s; failing the requests in flight", self.address)
                 self._fail_all(BrokerError(503, "broker_unavailable", "lost contact with the broker"))
             elif up and not was_up:
                 log.info("in contact with the broker at %s", self.address)
             was_up = up
 
     def _fail_all(self, error: BrokerError) -> None:
-        streams, self.streams = self.streams, {}
+        streams = {id(stream): stream for stream, _ in self.jobs.values()}
+        self.jobs = {}
         for stream in streams.values():
             stream.events.put_nowait(Event("error", error=error))
 

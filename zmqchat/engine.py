@@ -3,12 +3,17 @@
 The worker's engine thread feeds an Engine with `add()` and `cancel()` and calls `step()`
 in a loop. Each step advances every running sequence by one token and returns the whole
 step's output at once: CHUNK entries [id, text] for sequences still running and DONE
-entries [id, text, finish_reason, prompt_tokens, completion_tokens] for those that ended.
+entries [id, text, finish_reason, prompt_tokens, completion_tokens] for those that ended;
+a sequence that asked for logprobs gets them as one more element of each entry (see
+`Sequence.take_logprobs`).
 
-`Engine` owns what every model shares: sampling parameters, incremental detokenisation that
-stays correct across multi-byte characters, stop strings (never sent, even split across
-tokens), end-of-sequence tokens, max_tokens and the context window. A subclass supplies the
-model: `encode_prompt()` and `next_tokens()`. `HFEngine` runs a transformers causal LM;
+A job's prompt is a conversation ("messages", through the model's chat template) or raw
+text or token ids ("prompt", for /v1/completions). `Engine` owns what every model shares:
+sampling parameters, incremental detokenisation that stays correct across multi-byte
+characters, stop strings (never sent, even split across tokens), end-of-sequence tokens,
+max_tokens and the context window, echo, and handing out each token's logprobs with the text
+it made. A subclass supplies the model: `encode_chat()`, `encode_text()`, `decode()`,
+`token_text()` and `next_tokens()`. `HFEngine` runs a transformers causal LM;
 `FakeEngine` echoes the user's words with a fixed delay per step, for fast tests and for
 benchmarks of the plumbing.
 """
@@ -26,6 +31,10 @@ from zmqchat.scheduler import Scheduler
 
 DEFAULT_SLOTS = 16
 DEFAULT_MAX_TOKENS = 1024  # for a request that sets no max_tokens: a bound, not a whole context window
+MAX_STOP_STRINGS = 16  # each is checked at every token; OpenAI allows 4
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+CONTEXT = "context_length_exceeded"  # OpenAI's error code for a prompt and max_tokens the model cannot hold
+LOGPROB_FLOOR = -9999.0  # stands for log(0), which JSON cannot carry; OpenAI sends the same
 
 # End-of-turn markers of common chat templates; any that is a single token ends a sequence.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -51,6 +60,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_tokens (vLLM's extension, for benchmarks)
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and its top k alternatives
+    echo: bool = False  # the output starts with the prompt (/v1/completions)
 
     @classmethod
     def from_wire(cls, params: dict, defaults: dict | None = None) -> "SamplingParams":
@@ -69,6 +80,8 @@ class SamplingParams:
                 seed=None if settings.get("seed") is None else int(settings["seed"]),
                 stop=tuple(str(s) for s in settings.get("stop") or () if s),
                 ignore_eos=bool(settings.get("ignore_eos", False)),
+                logprobs=None if settings.get("logprobs") is None else int(settings["logprobs"]),
+                echo=bool(settings.get("echo", False)),
             )
         except (TypeError, ValueError) as exc:
             raise RequestError(f"invalid sampling parameters: {exc}") from None
@@ -78,6 +91,10 @@ class SamplingParams:
             raise RequestError("temperature must be in [0, 2] and top_p in (0, 1]")
         if not (-2.0 <= sp.presence_penalty <= 2.0) or not (-2.0 <= sp.frequency_penalty <= 2.0):
             raise RequestError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if len(sp.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(sp.stop)}")
+        if sp.logprobs is not None and not 0 <= sp.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         return sp
 
 
@@ -96,13 +113,36 @@ class Sequence:
     read_offset: int = 0
     finish_reason: str | None = None
     state: object = None
+    echo: str = ""  # the prompt's text, sent before the first output when the job asked for echo
+    echo_length: int = 0
+    # Logprobs not yet handed out: (start, end) of the token's text in `text`, then its wire
+    # entry [token, logprob, [[token, logprob], ...top alternatives], offset in the output].
+    logprobs: list[tuple[int, int, list]] = field(default_factory=list)
 
     @property
     def reserved_tokens(self) -> int:
         return len(self.prompt_ids) + self.max_tokens
 
+    def chunk_entry(self, delta: str) -> list:
+        return self._with_logprobs([self.id, delta])
+
     def done_entry(self, delta: str) -> list:
-        return [self.id, delta, self.finish_reason, len(self.prompt_ids), len(self.output_ids)]
+        return self._with_logprobs([self.id, delta, self.finish_reason, len(self.prompt_ids), len(self.output_ids)])
+
+    def _with_logprobs(self, entry: list) -> list:
+        return entry if self.params.logprobs is None else entry + [self.take_logprobs()]
+
+    def take_logprobs(self) -> list:
+        """The logprobs of the tokens whose text has been sent: a token's entry leaves with
+        the text it made, so that the two stay in step. Once the sequence has ended, that is
+        every token with text in the output: none of a stop string, none of end-of-sequence."""
+        if self.finish_reason:
+            taken = [entry for start, _, entry in self.logprobs if start < len(self.text)]
+            self.logprobs = []
+            return taken
+        sent = next((i for i, (_, end, _) in enumerate(self.logprobs) if end > self.sent), len(self.logprobs))
+        taken, self.logprobs = [entry for *_, entry in self.logprobs[:sent]], self.logprobs[sent:]
+        return taken
 
 
 class Engine:
@@ -120,15 +160,27 @@ class Engine:
 
     # -- supplied by the model --------------------------------------------------------------
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
+    vocab_size: int  # token ids in a prompt must be below this
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        raise NotImplementedError
+
+    def encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def decode(self, token_ids: list[int]) -> str:
+        """Output text, without special tokens."""
         raise NotImplementedError
 
-    def next_tokens(self, seqs: list[Sequence]) -> list[int]:
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included: what logprobs name it by."""
+        raise NotImplementedError
+
+    def next_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list]:
         """One forward step over the running batch: the next token of each sequence, in
-        order, sampled with its own parameters. Sequences whose `state` is None are new."""
+        order, sampled with its own parameters. Sequences whose `state` is None are new.
+        With the tokens, for each sequence None or, where it asked for logprobs,
+        (logprob of its token, [(token id, logprob) of its top `params.logprobs` tokens])."""
         raise NotImplementedError
 
     def free(self, seq: Sequence) -> None:
@@ -143,19 +195,41 @@ class Engine:
         if job["id"] in self.sequences:
             raise RequestError(f"request id {job['id']} is already running")
         params = SamplingParams.from_wire(job.get("params") or {}, self.sampling_defaults)
-        prompt_ids = self.encode_prompt(job["messages"])
-        room = self.context_window - len(prompt_ids)
-        if room < 1:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context window is "
-                f"{self.context_window} tokens")
-        seq = Sequence(job["id"], prompt_ids, params, min(params.max_tokens or DEFAULT_MAX_TOKENS, room))
+        prompt_ids, prompt_text = self._encode(job)
+        seq = Sequence(job["id"], prompt_ids, params, self._max_tokens(len(prompt_ids), params.max_tokens))
+        if params.echo:
+            seq.echo = prompt_text if prompt_text is not None else self.decode(prompt_ids)
+            seq.echo_length = len(seq.echo)
         if not self.scheduler.fits_alone(seq):
             raise RequestError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({seq.max_tokens}) is more than "
                 f"this worker's {self.scheduler.max_tokens} tokens in flight; ask for fewer max_tokens")
         self.sequences[seq.id] = seq
         self.scheduler.add(seq)
+
+    def _encode(self, job: dict) -> tuple[list[int], str | None]:
+        """The job's prompt tokens, and its text where the client gave text."""
+        if "messages" in job:
+            return self.encode_chat(job["messages"]), None
+        prompt = job["prompt"]
+        if isinstance(prompt, str):
+            return self.encode_text(prompt), prompt
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise RequestError(f"a prompt of token ids must be a non-empty list of ids in [0, {self.vocab_size})")
+        return list(prompt), None
+
+    def _max_tokens(self, prompt_tokens: int, asked: int | None) -> int:
+        window = self.context_window
+        if asked is None:
+            if prompt_tokens >= window:
+                raise RequestError(f"This model's maximum context length is {window} tokens. However, the "
+                                   f"prompt has {prompt_tokens} tokens. Please shorten the prompt.", type_=CONTEXT)
+            return min(DEFAULT_MAX_TOKENS, window - prompt_tokens)
+        if prompt_tokens + asked > window:
+            raise RequestError(f"This model's maximum context length is {window} tokens. However, you requested "
+                               f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the "
+                               f"completion). Please reduce the prompt or max_tokens.", type_=CONTEXT)
+        return asked
 
     def cancel(self, job_id: str) -> list | None:
         """The DONE entry confirming the cancel (so the broker frees the slot), if it ran."""
@@ -172,13 +246,16 @@ class Engine:
         chunks, dones = [], []
         if not seqs:
             return chunks, dones
-        for seq, token in zip(seqs, self.next_tokens(seqs)):
-            delta = self._append(seq, token)
+        tokens, logprobs = self.next_tokens(seqs)
+        for seq, token, token_logprobs in zip(seqs, tokens, logprobs):
+            delta = self._append(seq, token, token_logprobs)
+            if seq.echo:
+                delta, seq.echo = seq.echo + delta, ""
             if seq.finish_reason:
                 self._retire(seq)
                 dones.append(seq.done_entry(delta))
             elif delta:
-                chunks.append([seq.id, delta])
+                chunks.append(seq.chunk_entry(delta))
         return chunks, dones
 
     def _retire(self, seq: Sequence) -> None:
@@ -188,13 +265,17 @@ class Engine:
 
     # -- text ---------------------------------------------------------------------------------
 
-    def _append(self, seq: Sequence, token: int) -> str:
+    def _append(self, seq: Sequence, token: int, token_logprobs) -> str:
         """Add one sampled token; the text that may be sent now."""
         seq.output_ids.append(token)  # counted in usage even when it ends the sequence, as vLLM does
         if token in self.stop_token_ids and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
             return self._flush(seq)
+        start = len(seq.text)
         seq.text += self._detokenize(seq)
+        if token_logprobs is not None:
+            entry = self._logprob_entry(token, *token_logprobs, seq.echo_length + start)
+            seq.logprobs.append((start, len(seq.text), entry))
         stop_at = self._find_stop(seq)
         if stop_at >= 0:
             seq.text = seq.text[:stop_at]
@@ -220,6 +301,10 @@ class Engine:
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
             return after[len(before):]
         return ""
+
+    def _logprob_entry(self, token: int, logprob: float, top: list, offset: int) -> list:
+        return [self.token_text(token), max(logprob, LOGPROB_FLOOR),
+                [[self.token_text(t), max(lp, LOGPROB_FLOOR)] for t, lp in top], offset]
 
     @staticmethod
     def _find_stop(seq: Sequence) -> int:
@@ -271,6 +356,7 @@ class HFEngine(Engine):
         context = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         budget = max_tokens_in_flight or default_token_budget(self.model, self.device)
         super().__init__(loaded.name, slots, int(context), self._stop_token_ids(), budget)
+        self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
         generation = self.model.generation_config
         if generation.do_sample:  # the model's authors chose how it should sample
             self.sampling_defaults = {"temperature": generation.temperature, "top_p": generation.top_p}
@@ -295,22 +381,31 @@ class HFEngine(Engine):
         ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
         return ids
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja raises for conversations a template forbids
             raise RequestError(f"the model's chat template refused the messages: {exc}") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.tokenizer(text).input_ids  # with the BOS token, where the model wants one
+        if not ids:
+            raise RequestError("the prompt is empty")
+        return ids
+
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
     def _shared_preamble(self) -> list[int]:
         """The tokens every conversation opening with a user message starts with (a chat
         template's default system prompt, say). Their KV is computed once and reused by every
         prompt that starts with exactly these tokens, which is most of a short prompt's prefill."""
         try:
-            a, b = (self.encode_prompt([{"role": "user", "content": c}]) for c in ("a", "b"))
+            a, b = (self.encode_chat([{"role": "user", "content": c}]) for c in ("a", "b"))
         except RequestError:
             return []
         common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -323,7 +418,7 @@ class HFEngine(Engine):
                 self._drop_leaving_rows()
         seq.state = None
 
-    def next_tokens(self, seqs: list[Sequence]) -> list[int]:
+    def next_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list]:
         with self.torch.inference_mode():
             self._drop_leaving_rows()
             fresh = [s for s in seqs if s.state is None]
@@ -333,8 +428,10 @@ class HFEngine(Engine):
             batch = self.rows  # old rows first, then the fresh ones _prefill appended
             logits = apply_penalties(self.torch.cat(logits), batch)
             tokens = sample_batch(logits, [s.params for s in batch], [s.state.generator for s in batch])
-        by_seq = {id(s): t for s, t in zip(batch, tokens)}
-        return [by_seq[id(s)] for s in seqs]
+            logprobs = token_logprobs(logits, tokens, [s.params.logprobs for s in batch])
+        by_seq = {id(s): (t, lp) for s, t, lp in zip(batch, tokens, logprobs)}
+        ordered = [by_seq[id(s)] for s in seqs]
+        return [t for t, _ in ordered], [lp for _, lp in ordered]
 
     def _forward(self, input_ids, mask, positions, cache):
         """Logits of each row's last position."""
@@ -473,6 +570,25 @@ def sample_batch(logits, params: list[SamplingParams], generators: list) -> list
     return torch.where(sampling, sampled, greedy).tolist()
 
 
+def token_logprobs(logits, tokens: list[int], wanted: list[int | None]) -> list:
+    """Per row, None where `wanted` is None, else the logprob of the row's sampled token and
+    its `wanted` likeliest tokens with theirs: the model's own distribution (after the
+    penalties, before temperature and top_p/top_k), as vLLM reports it."""
+    import torch
+
+    rows = [i for i, k in enumerate(wanted) if k is not None]
+    result: list = [None] * len(wanted)
+    if not rows:
+        return result
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(max(wanted[i] for i in rows), dim=-1)
+    for j, i in enumerate(rows):
+        k = wanted[i]
+        result[i] = (chosen[j], list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist())))
+    return result
+
+
 def apply_penalties(logits, seqs: list[Sequence]):
     """OpenAI's penalties: a token already generated loses presence_penalty once and
     frequency_penalty for each time it was generated."""
@@ -524,8 +640,10 @@ def nucleus(probs, top_p):
 
 
 class FakeEngine(Engine):
-    """Answers with the words of the last user message, one word per step, `delay` seconds a
-    step whatever the batch size (like a batched forward pass). For tests and benchmarks."""
+    """Answers with the words of the last user message (of the prompt, for a completion),
+    one word per step, `delay` seconds a step whatever the batch size (like a batched forward
+    pass). Its logprobs are certain: 0 for the word it says, the floor for the alternatives
+    it lists after it. For tests and benchmarks."""
 
     EOS = 0
 
@@ -545,23 +663,43 @@ class FakeEngine(Engine):
             ids.append(self.ids[word])
         return ids
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
         prompt = [self._tokenize(str(m.get("content", ""))) for m in messages]
         if not any(prompt):
             raise RequestError("the conversation has no text")
         return [t for ids in prompt for t in ids]
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.encode_chat([{"content": text}])
+
     def add(self, job: dict) -> None:
         super().add(job)
-        user = [m for m in job["messages"] if m.get("role") == "user"] or job["messages"]
-        self.sequences[job["id"]].state = self._tokenize(str(user[-1].get("content", ""))) or [self.EOS]
+        seq = self.sequences[job["id"]]
+        if "messages" in job:
+            user = [m for m in job["messages"] if m.get("role") == "user"] or job["messages"]
+            seq.state = self._tokenize(str(user[-1].get("content", ""))) or [self.EOS]
+        else:
+            seq.state = seq.prompt_ids
 
     def decode(self, token_ids: list[int]) -> str:
         return "".join(self.words[t] for t in token_ids)
 
-    def next_tokens(self, seqs: list[Sequence]) -> list[int]:
+    def token_text(self, token_id: int) -> str:
+        return self.words[token_id]
+
+    def next_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list]:
         if self.delay:
             time.sleep(self.delay)
-        return [s.state[len(s.output_ids)] if len(s.output_ids) < len(s.state) else self.EOS
-                for s in seqs]
+        tokens = [s.state[len(s.output_ids)] if len(s.output_ids) < len(s.state) else self.EOS for s in seqs]
+        return tokens, [self._logprobs(t, s.params.logprobs) for s, t in zip(seqs, tokens)]
+
+    def _logprobs(self, token: int, wanted: int | None):
+        if wanted is None:
+            return None
+        others = [t for t in range(min(wanted, len(self.words))) if t != token][:max(wanted - 1, 0)]
+        return 0.0, ([(token, 0.0)] + [(t, LOGPROB_FLOOR) for t in others])[:wanted]
 

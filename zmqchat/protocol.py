@@ -13,10 +13,13 @@ Bodies, by command (direction: F frontend, B broker, W worker):
   READY       W->B  {"worker_id", "models": [str], "slots": int, "host", "device", "pid"}
   HEARTBEAT   both  {}          W<->B, and F->B, which B answers with {"broker_id"} (new after a restart);
                                 a frontend silent for long has its jobs cancelled
-  SUBMIT      F->B->W  {"id", "model", "timeout": seconds, "messages": [...], "params": {...}}
+  SUBMIT      F->B->W  {"id", "model", "timeout": seconds, "params": {...}, and either "messages": [...]
+                       (a chat) or "prompt": text or [token id, ...] (a completion)}; one per choice
   CANCEL      F->B->W  {"ids": [str]}
   CHUNK       W->B->F  [[id, text], ...]                 new text of each sequence, one engine step
   DONE        W->B->F  [[id, text, finish_reason, prompt_tokens, completion_tokens], ...]
+                       a job whose params ask for logprobs has one more element in each CHUNK and
+                       DONE entry: [[token, logprob, [[token, logprob], ...top], text offset], ...]
   ERROR       W/B->F   {"id", "status": http status, "type", "message"}
   DISCONNECT  W->B     {"reason", "drain": bool}: with drain, the worker takes no new jobs and
                        finishes those it has; without, it leaves now (its jobs are requeued or failed)

@@ -11,6 +11,7 @@ The parts run in their own session, so a terminal's Ctrl-C reaches only this pro
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from zmqchat.curve import from_folder
 
 log = logging.getLogger("zmqchat.serve")
 
+API_KEYS_VARIABLE = "ZMQCHAT_API_API_KEY"  # click reads `zmqchat api --api-key` from it, keys split on spaces
 STOP_GRACE = 90.0  # seconds a stage gets to stop on SIGTERM (API and worker drains) before it is killed
 READY_POLL = 0.5  # seconds between checks that the workers have joined
 
@@ -67,8 +69,6 @@ def part_commands(config: ServeConfig, model_path: str | None, model_name: str) 
     if config.fake:
         worker += ["--fake"] + (["--fake-delay", str(config.fake_delay)] if config.fake_delay is not None else [])
     api = [*zmqchat, "api", *common, "--host", config.host, "--port", str(config.port), "--broker", config.frontend]
-    for key in config.api_keys:
-        api += ["--api-key", key]
     return [broker] + [worker] * config.workers + [api]
 
 
@@ -86,7 +86,10 @@ def run(config: ServeConfig) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    parts = [subprocess.Popen(cmd, start_new_session=True) for cmd in part_commands(config, model_path, model_name)]
+    # The API's keys go in its environment, not on its command line, where `ps` shows them.
+    env = {**os.environ, API_KEYS_VARIABLE: " ".join(config.api_keys)} if config.api_keys else None
+    parts = [subprocess.Popen(cmd, start_new_session=True, env=env)
+             for cmd in part_commands(config, model_path, model_name)]
     try:
         if not wait_until_ready(config, model_name, parts, stopping):
             return 1 if not stopping else 0

@@ -1,0 +1,171 @@
+"""Hostile and random input against a real API, broker and fake worker: every request gets a
+4xx or a 200 in OpenAI's shape, never a 5xx, and no process dies or leaks a slot."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+from conftest import chat, wait_for
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+SLOTS = 16
+
+
+@pytest.fixture(scope="module")
+def cluster(module_cluster):
+    module_cluster.broker()
+    module_cluster.worker("--fake-delay", "0.001")
+    module_cluster.api()
+    return module_cluster
+
+
+@pytest.fixture(scope="module")
+def api(cluster):
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        yield client
+
+
+def post_raw(api, body: bytes, path: str = "/v1/chat/completions", **headers) -> httpx.Response:
+    return api.post(path, content=body, headers={"content-type": "application/json", **headers})
+
+
+def assert_answered(response: httpx.Response) -> None:
+    """A 200 with choices, or a 4xx in OpenAI's error shape."""
+    assert response.status_code < 500, response.text
+    if response.status_code == 200:
+        if response.headers["content-type"].startswith("text/event-stream"):
+            assert response.text.rstrip().endswith("data: [DONE]")
+        else:
+            assert response.json()["choices"]
+        return
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def assert_cluster_whole(cluster) -> None:
+    assert all(part.process.poll() is None for part in cluster.parts), "a process died"
+    wait_for(lambda: cluster.status()["models"]["fake"]["free"] == SLOTS, 10.0, "every slot to be free")
+
+
+DEEP_ARRAY = b"[" * 100_000 + b"]" * 100_000
+DEEP_OBJECT = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+
+
+@pytest.mark.parametrize("body", [
+    DEEP_ARRAY, DEEP_OBJECT, b'{"model": "fake", "messages": ' + DEEP_ARRAY + b"}",
+    b'{"model": "fake", "messages": [{"role": "user", "content": "\xff\xfe\xc0"}]}',  # invalid UTF-8
+    b"", b"null", b"123", b'"text"', b"{", b"\x00\x01\x02",
+    json.dumps(chat(max_tokens=10**30)).encode(), json.dumps(chat(seed=-(10**30))).encode(),
+    json.dumps(chat(top_k=10**30)).encode(), json.dumps(chat(n=10**9)).encode(),
+    b'{"model": "fake", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+    b'{"model": "fake", "messages": [{"role": "user", "content": "hi"}], "top_p": NaN}',
+    b'{"model": "fake", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": -Infinity}',
+    json.dumps(chat(messages=[])).encode(),
+    json.dumps({"model": "fake", "messages": []}).encode(),
+    json.dumps({"model": "fake", "messages": [{"role": "user", "content": ""}]}).encode(),
+    json.dumps({"model": "fake", "messages": [{"role": "root", "content": "hi"}]}).encode(),
+    json.dumps({"model": "fake", "messages": [{"role": "tool", "content": "hi"}]}).encode(),
+    json.dumps({"model": "", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    json.dumps(chat(stop=[f"stop{i}" for i in range(5000)])).encode(),
+    json.dumps(chat(content="word " * 600_000)).encode(),  # 3 MB: under the body limit, over the context
+    json.dumps(chat(content=[{"type": "image_url", "image_url": {"url": "http://x"}}])).encode(),
+])
+def test_hostile_chat_bodies_get_4xx(api, body):
+    response = post_raw(api, body)
+    assert 400 <= response.status_code < 500, response.text
+    assert_answered(response)
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "fake", "prompt": []}, {"model": "fake", "prompt": [[]]}, {"model": "fake", "prompt": [-1]},
+    {"model": "fake", "prompt": [10**9]}, {"model": "fake", "prompt": ["x"] * 10_000},
+    {"model": "fake", "prompt": [1, "two"]}, {"model": "fake", "prompt": "x", "logprobs": 50},
+    {"model": "fake", "prompt": "x", "best_of": 3}, {"model": "fake", "prompt": "x", "max_tokens": 0},
+])
+def test_hostile_completion_bodies_get_4xx(api, body):
+    response = api.post("/v1/completions", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert_answered(response)
+
+
+def test_a_chunked_body_over_the_limit_gets_413(api):
+    def chunks():
+        for _ in range(100):  # 6.4 MB, with no Content-Length
+            yield b"x" * 65536
+
+    response = post_raw(api, chunks())
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_huge_declared_length_gets_413_before_any_body(cluster):
+    # Raw bytes: HTTP clients will not send a Content-Length their body does not match.
+    with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 99999999999\r\n\r\n{}")
+        assert conn.recv(4096).startswith(b"HTTP/1.1 413 ")
+
+
+def test_after_the_hostile_bodies_every_process_lives_and_every_slot_is_free(cluster, api):
+    assert api.post("/v1/chat/completions", json=chat()).status_code == 200
+    assert_cluster_whole(cluster)
+
+
+# -- fuzz: bodies that are partly right and partly anything -----------------------------------
+
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
+numbers = st.integers(min_value=-(2**70), max_value=2**70) | st.floats()
+text_parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=30)}), max_size=3)
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant"]) | anything},
+    optional={"content": st.text(max_size=60) | text_parts | anything, "name": st.text(max_size=8) | anything})
+model = st.just("fake") | anything
+SHARED = {
+    "max_tokens": st.integers(-2, 40) | numbers | anything,
+    "temperature": numbers | anything, "top_p": numbers | anything, "top_k": numbers | anything,
+    "presence_penalty": numbers, "frequency_penalty": numbers, "seed": numbers,
+    "n": st.integers(-1, 20) | anything,
+    "stream": st.booleans() | anything,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | anything,
+    "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=20) | anything,
+    "user": st.text(max_size=10) | anything,
+    "ignore_eos": st.booleans() | anything,
+    "unknown_option": anything,
+}
+chat_bodies = st.fixed_dictionaries({"model": model}, optional={
+    **SHARED, "messages": st.lists(message, max_size=3) | anything,
+    "max_completion_tokens": st.integers(-2, 40) | anything, "logprobs": st.booleans() | anything,
+    "top_logprobs": st.integers(-2, 25) | anything,
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}) | anything})
+completion_bodies = st.fixed_dictionaries({"model": model}, optional={
+    **SHARED, "prompt": st.text(max_size=60) | st.lists(st.text(max_size=20), max_size=4)
+    | st.lists(st.integers(-2, 10), max_size=5) | anything,
+    "echo": st.booleans() | anything, "logprobs": st.integers(-2, 25) | anything})
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(body=chat_bodies)
+def test_fuzzed_chat_requests_never_get_a_5xx(api, body):
+    response = post_raw(api, json.dumps(body).encode())
+    event(f"HTTP {response.status_code}")  # pytest --hypothesis-show-statistics: how many got through
+    assert_answered(response)
+
+
+@FUZZ
+@given(body=completion_bodies)
+def test_fuzzed_completion_requests_never_get_a_5xx(api, body):
+    response = post_raw(api, json.dumps(body).encode(), path="/v1/completions")
+    event(f"HTTP {response.status_code}")
+    assert_answered(response)
+
+
+def test_after_the_fuzz_every_process_lives_and_every_slot_is_free(cluster, api):
+    assert api.post("/v1/completions", json={"model": "fake", "prompt": "still here"}).json()["choices"]
+    assert_cluster_whole(cluster)

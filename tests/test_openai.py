@@ -1,0 +1,236 @@
+"""Every route and option of the OpenAI API, through the official `openai` client, over a real
+broker, API and fake-engine workers; each test checks what OpenAI's clients rely on."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from conftest import wait_for
+
+WORDS = "alpha beta gamma delta epsilon"
+
+
+@pytest.fixture(scope="module")
+def cluster(module_cluster, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text("# keys for the test clients\nfile-key\n\n")
+    module_cluster.broker()
+    module_cluster.worker("--fake-delay", "0.005")
+    module_cluster.api("--api-key", "flag-key", "--api-key-file", str(keys))
+    return module_cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="file-key", max_retries=0)
+
+
+def ask(client, content: str = WORDS, **options):
+    return client.chat.completions.create(model="fake", messages=[{"role": "user", "content": content}], **options)
+
+
+def streamed(client, content: str = WORDS, **options) -> list:
+    return list(ask(client, content, stream=True, **options))
+
+
+def assert_usage_adds_up(usage) -> None:
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+# -- models -----------------------------------------------------------------------------------
+
+def test_models_list_and_retrieve(client):
+    assert [m.id for m in client.models.list()] == ["fake"]
+    assert client.models.retrieve("fake").id == "fake"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+# -- chat completions -------------------------------------------------------------------------
+
+def test_chat_takes_every_role_and_text_parts(client):
+    reply = client.chat.completions.create(model="fake", messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "developer", "content": "really brief"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": [{"type": "text", "text": "second "}, {"type": "text", "text": "question"}]},
+    ], user="someone")
+    assert reply.choices[0].message.content == "second question"  # the fake says the last user turn
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens == 10  # every word of every message, through the template
+    assert_usage_adds_up(reply.usage)
+
+
+@pytest.mark.parametrize("option", ["max_tokens", "max_completion_tokens"])
+def test_token_limit_ends_with_length(client, option):
+    reply = ask(client, **{option: 2})
+    assert reply.choices[0].message.content == "alpha beta "
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
+
+
+def test_sampling_options_are_taken(client):
+    reply = ask(client, temperature=1.3, top_p=0.5, seed=42, presence_penalty=1.0, frequency_penalty=-1.0,
+                extra_body={"top_k": 4})
+    assert reply.choices[0].message.content == WORDS
+
+
+def test_stop_strings_end_the_reply_and_never_appear(client):
+    for stop in ("gamma", ["xyz", "ta gam"], ["a b"]):
+        reply = ask(client, stop=stop)
+        text = reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+        assert all(s not in text for s in ([stop] if isinstance(stop, str) else stop))
+    chunks = streamed(client, stop=["ta gam"])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "alpha be"
+
+
+def test_n_choices_have_indexes_and_usage_counts_the_prompt_once(client):
+    one = ask(client)
+    three = ask(client, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert all(c.message.content == WORDS for c in three.choices)
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert_usage_adds_up(three.usage)
+
+
+def test_n_streamed_choices_interleave_and_each_ends_once(client):
+    chunks = streamed(client, n=3, stream_options={"include_usage": True})
+    with_choices = [c.choices[0] for c in chunks if c.choices]
+    firsts = {}
+    for choice in with_choices:
+        firsts.setdefault(choice.index, choice)
+    assert sorted(firsts) == [0, 1, 2] and all(c.delta.role == "assistant" for c in firsts.values())
+    finishes = [c.index for c in with_choices if c.finish_reason]
+    assert sorted(finishes) == [0, 1, 2]  # exactly one finish_reason per choice
+    order = [c.index for c in with_choices if c.delta.content]
+    assert order != sorted(order)  # interleaved as generated, not one choice after another
+    for index in range(3):
+        assert "".join(c.delta.content or "" for c in with_choices if c.index == index) == WORDS
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == 3 * 6
+    assert_usage_adds_up(usage)
+
+
+def test_seeded_choices_repeat_and_get_seeds_of_their_own(client):
+    first = ask(client, n=2, seed=7, temperature=1.0)
+    again = ask(client, n=2, seed=7, temperature=1.0)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+
+
+def test_logprobs_name_each_token_of_the_reply(client):
+    reply = ask(client, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    for entry in content:
+        assert entry.logprob == 0.0 and bytes(entry.bytes).decode() == entry.token
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+    assert ask(client).choices[0].logprobs is None  # only when asked
+
+
+def test_streamed_logprobs_come_with_their_text(client):
+    chunks = streamed(client, logprobs=True, top_logprobs=0, stop=["delta"])
+    text = tokens = ""
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        if choice.delta.content:
+            assert "".join(e.token for e in choice.logprobs.content) == choice.delta.content
+            text += choice.delta.content
+            tokens += "".join(e.token for e in choice.logprobs.content)
+    assert text == tokens == "alpha beta gamma "
+
+
+def test_unsupported_parameters_get_a_400_that_names_them(client):
+    cases = {
+        "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        "response_format.type": {"response_format": {"type": "json_object"}},
+        "logit_bias": {"logit_bias": {"5": 10}},
+        "top_logprobs": {"top_logprobs": 3},  # without logprobs
+        "n": {"n": 100},
+    }
+    for param, options in cases.items():
+        with pytest.raises(openai.BadRequestError) as info:
+            ask(client, **options)
+        assert info.value.param == param and param.split(".")[0] in info.value.message
+
+
+def test_a_prompt_beyond_the_context_window_gets_400_with_the_numbers(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, " ".join(["word"] * 4000), max_tokens=200)
+    assert info.value.code == "context_length_exceeded"
+    assert "4096" in info.value.message and "4200" in info.value.message and "4000 in the prompt" in info.value.message
+
+
+# -- completions ------------------------------------------------------------------------------
+
+def complete(client, prompt, **options):
+    return client.completions.create(model="fake", prompt=prompt, **options)
+
+
+def test_completion_of_a_string(client):
+    reply = complete(client, WORDS)
+    assert reply.object == "text_completion" and reply.choices[0].text == WORDS
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.prompt_tokens == 5
+    assert_usage_adds_up(reply.usage)
+
+
+def test_completion_default_max_tokens_is_openais_16(client):
+    reply = complete(client, " ".join(f"w{i}" for i in range(40)))
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 16
+
+
+def test_completion_of_several_prompts_with_n(client):
+    reply = complete(client, ["one two", "three"], n=2, max_tokens=5)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == ["one two", "one two", "three", "three"]  # prompt by prompt
+    assert reply.usage.prompt_tokens == 3 and reply.usage.completion_tokens == 3 + 3 + 2 + 2
+    assert_usage_adds_up(reply.usage)
+
+
+def test_completion_of_token_ids(client):
+    complete(client, "red green")  # the fake numbers words as it meets them: now ids 1 and 2 exist
+    reply = complete(client, [[1], [1, 2]], max_tokens=3)
+    assert reply.usage.prompt_tokens == 3 and [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[1].text.startswith(reply.choices[0].text)  # the fake says its prompt back
+
+
+def test_completion_echo_stop_and_logprobs(client):
+    reply = complete(client, "the cat sat on", echo=True, stop=["sat"], logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text == "the cat sat onthe cat " and choice.finish_reason == "stop"
+    logprobs = choice.logprobs
+    assert logprobs.tokens == ["the ", "cat "] and logprobs.token_logprobs == [0.0, 0.0]
+    assert logprobs.text_offset == [14, 18]  # offsets in the text, after the echoed prompt
+    assert all(len(top) <= 2 and token in top for token, top in zip(logprobs.tokens, logprobs.top_logprobs))
+    assert all(choice.text[o:].startswith(t) for t, o in zip(logprobs.tokens, logprobs.text_offset))
+
+
+def test_streamed_completion(client):
+    chunks = list(complete(client, ["a b c", "d e"], n=2, stream=True, stream_options={"include_usage": True}))
+    with_choices = [c.choices[0] for c in chunks if c.choices]
+    assert all(c.object == "text_completion" for c in chunks)
+    for index, expected in enumerate(["a b c", "a b c", "d e", "d e"]):
+        assert "".join(c.text for c in with_choices if c.index == index) == expected
+        assert len([c for c in with_choices if c.index == index and c.finish_reason]) == 1
+    assert chunks[-1].usage.completion_tokens == 4 + 4 + 3 + 3
+    assert_usage_adds_up(chunks[-1].usage)
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+def test_every_v1_route_wants_a_key_from_the_flag_or_the_file(cluster):
+    wrong = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="wrong", max_retries=0)
+    calls = [lambda c: c.models.list(), lambda c: c.models.retrieve("fake"), lambda c: ask(c),
+             lambda c: complete(c, "x"), lambda c: c.get("/cluster", cast_to=object)]
+    for call in calls:
+        with pytest.raises(openai.AuthenticationError) as info:
+            call(wrong)
+        assert info.value.code == "invalid_api_key"
+    flag = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="flag-key", max_retries=0)
+    assert ask(flag).choices[0].message.content == WORDS
+    assert openai.OpenAI(base_url=cluster.url, api_key="none").get("/health", cast_to=object)["status"] == "ok"
+
+
+def test_no_request_above_leaked_a_slot(cluster):
+    wait_for(lambda: cluster.status()["models"]["fake"]["free"] == 16, 5.0, "every slot to be free")
