@@ -198,3 +198,16 @@ def test_client_leaving_mid_stream_frees_the_slot_within_one_step(cluster):
         assert time.monotonic() - left < 1.8 * step
         body = client.post("/v1/chat/completions", json=chat(content="still serving")).json()
         assert body["choices"][0]["message"]["content"] == "still serving"
+
+
+def test_client_leaving_before_its_json_reply_frees_the_slot(cluster):
+    cluster.broker()
+    cluster.worker("--fake-delay", "1.0", "--max-batch", "1")
+    cluster.api()
+    free = lambda: cluster.status()["models"]["fake"]["free"]  # noqa: E731
+    with pytest.raises(httpx.ReadTimeout):  # the 200-word reply would take 200 s
+        httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(content=LONG), timeout=1.5)
+    left = time.monotonic()
+    wait_for(lambda: free() == 1, 5.0, "the abandoned job's slot to be free", interval=0.05)
+    assert time.monotonic() - left < 3.0  # a check every 0.5 s, then one engine step
+    assert "the client left before its reply" in cluster.parts[-1].output()

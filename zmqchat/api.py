@@ -12,6 +12,7 @@ Every error a client sees is shaped in one place, `error_response()`:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -42,6 +43,7 @@ DRAIN_TIMEOUT = 30.0  # seconds open requests get to finish after SIGTERM
 MAX_BODY = 4 * 1024 * 1024  # bytes of request body; more gets 413
 MAX_N = 16  # choices of one prompt
 MAX_CHOICES = 128  # choices of one request: prompts x n
+DISCONNECT_POLL = 0.5  # seconds between checks that a client waiting for a JSON reply is still there
 MAX_INT = 2**31 - 1  # for counts: more is a mistake, and would not fit the wire's integers
 # Idle keep-alive connections are closed after this long. Longer than a client's or load
 # balancer's own idle timeout (60 s is common), so the server never closes a connection a
@@ -236,19 +238,31 @@ def _union_branch(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part or "-" in part)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413, whether it declares its
-    length or arrives in chunks without one. The body is read here, at most `limit` bytes of
-    it, and handed on whole."""
+class Gate:
+    """ASGI middleware every request passes first. On /v1 routes, with keys configured, a
+    request without one of them as its Bearer token gets 401. A request body over `limit`
+    bytes gets 413, whether it declares its length or arrives in chunks without one: the body
+    is read here, at most `limit` bytes of it, and handed on whole. (Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, under which a handler cannot see its client leave.)"""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, api_keys: tuple[str, ...]):
         self.app = app
         self.limit = limit
+        self.api_keys = [key.encode() for key in api_keys]
+
+    def authorised(self, headers: dict) -> bool:
+        supplied = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+        # compare_digest: how long a wrong key takes to refuse says nothing about the right ones
+        return any([hmac.compare_digest(supplied, key) for key in self.api_keys])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        headers = dict(scope["headers"])
+        if self.api_keys and scope["path"].startswith("/v1") and not self.authorised(headers):
+            response = error_response(401, "invalid or missing API key", code="invalid_api_key")
+            return await response(scope, receive, send)
+        declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.limit:
             return await self._refuse(scope, receive, send)
         body, size, more = [], 0, True
@@ -284,7 +298,6 @@ class BodyLimit:
 def create_app(config: APIConfig) -> FastAPI:
     client = BrokerClient(config.broker, config.curve)
     metrics = Metrics()
-    api_keys = [key.encode() for key in config.api_keys]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -298,7 +311,7 @@ def create_app(config: APIConfig) -> FastAPI:
 
     app = FastAPI(title="zmqchat", lifespan=lifespan)
     app.state.client = client
-    app.add_middleware(BodyLimit, limit=config.max_body)
+    app.add_middleware(Gate, limit=config.max_body, api_keys=config.api_keys)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -318,17 +331,6 @@ def create_app(config: APIConfig) -> FastAPI:
     @app.exception_handler(BrokerError)
     async def on_broker_error(request: Request, exc: BrokerError):
         return broker_error_response(exc)
-
-    def authorised(request: Request) -> bool:
-        supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
-        # compare_digest: how long a wrong key takes to refuse says nothing about the right ones
-        return any([hmac.compare_digest(supplied, key) for key in api_keys])
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_keys and request.url.path.startswith("/v1") and not authorised(request):
-            return error_response(401, "invalid or missing API key", code="invalid_api_key")
-        return await call_next(request)
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
@@ -365,7 +367,7 @@ def create_app(config: APIConfig) -> FastAPI:
             status = None
         return Response(metrics.render(status), media_type=CONTENT_TYPE_LATEST)
 
-    async def generate(body: GenerationRequest, completion_type: type[Completion]):
+    async def generate(request: Request, body: GenerationRequest, completion_type: type[Completion]):
         timing = RequestMetrics(metrics, body.model)
         try:
             stream = client.submit(body.model, body.choices(), config.request_timeout)
@@ -389,17 +391,17 @@ def create_app(config: APIConfig) -> FastAPI:
         if body.stream:
             return StreamingResponse(completion.sse(client, first), media_type="text/event-stream")
         try:
-            return await completion.json(first)
+            return await completion.json_while_connected(request, first)
         finally:
             client.finish(stream)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        return await generate(body, ChatCompletion)
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await generate(request, body, ChatCompletion)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await generate(body, TextCompletion)
+    async def completions(request: Request, body: CompletionRequest):
+        return await generate(request, body, TextCompletion)
 
     return app
 
@@ -470,6 +472,19 @@ class Completion:
                    for i in sorted(self.dones)]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.request.model,
                 "choices": choices, "usage": self._usage()}
+
+    async def json_while_connected(self, request: Request, first) -> Response | dict:
+        """json(), unless the client disconnects first: then the caller cancels the jobs,
+        whose slots would otherwise stay busy for a reply nobody reads."""
+        reply = asyncio.ensure_future(self.json(first))
+        while not reply.done():
+            await asyncio.wait({reply}, timeout=DISCONNECT_POLL)
+            if not reply.done() and await request.is_disconnected():
+                reply.cancel()
+                self.timing.failed("cancelled")
+                log.info("request %s: the client left before its reply; cancelling", self.stream.id)
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return reply.result()
 
     async def sse(self, client: BrokerClient, first):
         completed = False
