@@ -176,8 +176,9 @@ def test_completion_of_a_string(client):
 
 
 def test_completion_default_max_tokens_is_openais_16(client):
-    reply = complete(client, " ".join(f"w{i}" for i in range(40)))
-    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 16
+    for options in ({}, {"max_tokens": None}):
+        reply = complete(client, " ".join(f"w{i}" for i in range(40)), **options)
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 16
 
 
 def test_completion_of_several_prompts_with_n(client):

@@ -163,7 +163,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: Count | None = 16  # OpenAI's default for completions
+    max_tokens: Count | None = None  # left out or null: 16, OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -184,8 +184,9 @@ class CompletionRequest(GenerationRequest):
 
     def choices(self) -> list[dict]:
         """n choices per prompt, prompt by prompt, as OpenAI numbers them."""
-        return [{"prompt": prompt, "params": {**self.params(i), "echo": self.echo, "logprobs": self.logprobs}}
-                for prompt in self.prompts() for i in range(self.n)]
+        params = {"max_tokens": self.max_tokens or 16, "echo": self.echo, "logprobs": self.logprobs}
+        return [{"prompt": prompt, "params": {**self.params(i), **params}} for prompt in self.prompts()
+                for i in range(self.n)]
 
 
 # -- errors -----------------------------------------------------------------------------------
