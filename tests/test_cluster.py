@@ -87,6 +87,22 @@ def test_serve_runs_everything_and_stops_everything(cluster, sig):
     assert not alive, f"left running: {alive}"
 
 
+def test_serve_guards_the_api_with_keys_it_keeps_off_command_lines(cluster, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("from-the-file\n")
+    port = free_port()
+    serve = cluster.spawn("serve", "serve", "--fake", "--port", str(port), "--frontend", cluster.frontend,
+                          "--backend", cluster.backend, "--api-key", "from-the-flag", "--api-key-file", str(keys))
+    wait_for(lambda: "is serving" in serve.output() or serve.process.poll() is not None, 60, "serve to be ready")
+    url = f"http://127.0.0.1:{port}/v1/models"
+    assert httpx.get(url, timeout=10).status_code == 401
+    for key in ("from-the-flag", "from-the-file"):
+        assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+    for child in psutil.Process(serve.process.pid).children(recursive=True):
+        assert not any("from-the" in arg for arg in child.cmdline())
+    assert serve.stop(signal.SIGTERM, timeout=30) == 0
+
+
 def test_bench_reports_every_level_as_a_table_and_json(cluster, tmp_path):
     cluster.broker()
     cluster.worker("--fake-delay", "0.01")

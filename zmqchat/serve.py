@@ -25,7 +25,8 @@ from zmqchat.curve import from_folder
 
 log = logging.getLogger("zmqchat.serve")
 
-API_KEYS_VARIABLE = "ZMQCHAT_API_API_KEY"  # click reads `zmqchat api --api-key` from it, keys split on spaces
+# `zmqchat api` reads its --api-key values from this (click's name for the option's dest), split on spaces.
+API_KEYS_VARIABLE = "ZMQCHAT_API_API_KEYS"
 STOP_GRACE = 90.0  # seconds a stage gets to stop on SIGTERM (API and worker drains) before it is killed
 READY_POLL = 0.5  # seconds between checks that the workers have joined
 
