@@ -174,11 +174,14 @@ def test_api_keys_guard_every_v1_route_but_not_health(cluster):
     cluster.worker()
     cluster.api("--api-key", "sesame")
     url = cluster.url
-    assert_openai_error(httpx.get(f"{url}/v1/models"), 401)
+    missing = httpx.get(f"{url}/v1/models")
+    assert_openai_error(missing, 401)
+    assert missing.headers["www-authenticate"] == "Bearer"
     assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=chat(),
                                    headers={"Authorization": "Bearer wrong"}), 401)
-    ok = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer sesame"})
-    assert ok.status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": "sesame"}).status_code == 401  # no scheme
+    ok = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers={"Authorization": "bearer sesame"})
+    assert ok.status_code == 200  # the scheme's case does not matter (RFC 7235)
     assert httpx.get(f"{url}/health").status_code == 200
 
 
@@ -210,4 +213,17 @@ def test_client_leaving_before_its_json_reply_frees_the_slot(cluster):
     left = time.monotonic()
     wait_for(lambda: free() == 1, 5.0, "the abandoned job's slot to be free", interval=0.05)
     assert time.monotonic() - left < 3.0  # a check every 0.5 s, then one engine step
-    assert "the client left before its reply" in cluster.parts[-1].output()
+    assert "the client left" in cluster.parts[-1].output()
+
+
+def test_client_leaving_while_queued_gives_up_its_place(cluster):
+    cluster.broker()
+    cluster.worker("--fake-delay", "1.0", "--max-batch", "1")
+    cluster.api()
+    queued = lambda: cluster.status()["models"]["fake"]["queued"]  # noqa: E731
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json=chat(content=LONG, stream=True)) as busy:
+            next(busy.iter_lines())  # the only slot is taken
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/chat/completions", json=chat(content="waiting in line"), timeout=1.5)
+            wait_for(lambda: queued() == 0, 2.0, "the abandoned request to leave the queue", interval=0.05)

@@ -99,7 +99,7 @@ def test_logprobs_leave_with_their_text_and_never_for_a_stop_string():
     engine.add(job("s", "one two END three", stop=["two EN"], logprobs=2))
     result = run_to_end(engine)["s"]
     assert result["text"] == "one "
-    assert result["logprobs"] == [["one ", 0.0, [["one ", 0.0], ["</s>", -9999.0]], 0]]
+    assert result["logprobs"] == [["one ", b"one ", 0.0, [["one ", b"one ", 0.0], ["</s>", b"</s>", -9999.0]], 0]]
 
 
 def test_logprobs_cover_every_token_of_a_reply_in_order():
@@ -107,7 +107,7 @@ def test_logprobs_cover_every_token_of_a_reply_in_order():
     engine.add(job("l", "a bb ccc", logprobs=0))
     result = run_to_end(engine)["l"]
     assert [e[0] for e in result["logprobs"]] == ["a ", "bb ", "ccc"]  # no entry for end-of-sequence
-    assert [e[3] for e in result["logprobs"]] == [0, 2, 5] and all(e[2] == [] for e in result["logprobs"])
+    assert [e[4] for e in result["logprobs"]] == [0, 2, 5] and all(e[3] == [] for e in result["logprobs"])
 
 
 def test_a_completion_echoes_its_prompt_before_the_output():
@@ -115,7 +115,7 @@ def test_a_completion_echoes_its_prompt_before_the_output():
     engine.add({"id": "e", "prompt": "say this", "params": {"echo": True, "logprobs": 0}})
     result = run_to_end(engine)["e"]
     assert result["text"] == "say thissay this"
-    assert [e[3] for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
+    assert [e[4] for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
 
 
 def test_a_prompt_of_token_ids_is_checked_against_the_vocabulary():
@@ -327,10 +327,11 @@ def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
     result = run_to_end(smol)["lp"]
     entries = result["logprobs"]
     assert "".join(e[0] for e in entries) == result["text"]
-    for token, logprob, top, _ in entries:
-        assert len(top) == 3 and top[0][0] == token and top[0][1] == logprob  # greedy: the likeliest
-        assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
-        assert logprob <= 0 and sum(math.exp(lp) for _, lp in top) <= 1.0001
+    for token, raw, logprob, top, _ in entries:
+        assert raw.decode() == token
+        assert len(top) == 3 and top[0][0] == token and top[0][2] == logprob  # greedy: the likeliest
+        assert [lp for *_, lp in top] == sorted((lp for *_, lp in top), reverse=True)
+        assert logprob <= 0 and sum(math.exp(lp) for *_, lp in top) <= 1.0001
 
 
 def test_default_model_completes_raw_text(smol):
@@ -339,3 +340,16 @@ def test_default_model_completes_raw_text(smol):
     result = run_to_end(smol)["c"]
     assert result["text"].startswith(prompt) and len(result["text"]) > len(prompt)
     assert result["usage"] == (len(smol.tokenizer(prompt).input_ids), 8)
+
+
+def test_default_model_names_a_token_that_is_part_of_a_character_by_its_bytes(smol):
+    from zmqchat.engine import Sequence
+
+    ids = smol.tokenizer("Tea 🍵", add_special_tokens=False).input_ids
+    seq = Sequence("t", [1], SamplingParams(logprobs=0), max_tokens=len(ids) + 1)
+    for token in ids:
+        smol._append(seq, token, (0.0, []))
+    smol._flush(seq)
+    names, raws = zip(*[(entry[0], entry[1]) for *_, entry in seq.logprobs])
+    assert b"".join(raws).decode() == "Tea 🍵"  # the bytes rebuild the text, emoji and all
+    assert any(name.startswith("bytes:\\x") for name in names)  # the emoji's pieces, named as OpenAI does

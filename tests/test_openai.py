@@ -141,6 +141,15 @@ def test_streamed_logprobs_come_with_their_text(client):
     assert text == tokens == "alpha beta gamma "
 
 
+def test_null_parameters_mean_their_defaults(client):
+    nulls = dict.fromkeys(["n", "logprobs", "top_logprobs", "stream", "stream_options", "stop", "seed", "temperature",
+                           "top_p", "presence_penalty", "frequency_penalty", "max_tokens", "user"])
+    reply = ask(client, extra_body=nulls)
+    assert reply.choices[0].message.content == WORDS and reply.choices[0].logprobs is None
+    text = complete(client, "one two", extra_body={"echo": None, "logprobs": None, "n": None, "max_tokens": None})
+    assert [c.text for c in text.choices] == ["one two"]
+
+
 def test_unsupported_parameters_get_a_400_that_names_them(client):
     cases = {
         "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
 from zmqchat.client import BrokerClient, BrokerError, Stream
@@ -77,6 +77,16 @@ def read_api_keys(path: Path) -> list[str]:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an unknown parameter is a 400 that names it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """OpenAI's API takes null for any optional parameter, meaning its default; some
+        clients send every parameter so. A required one stays null, and is refused."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
 class TextPart(Strict):
@@ -163,7 +173,6 @@ class ChatCompletionRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-    max_tokens: Count | None = None  # left out or null: 16, OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -184,6 +193,7 @@ class CompletionRequest(GenerationRequest):
 
     def choices(self) -> list[dict]:
         """n choices per prompt, prompt by prompt, as OpenAI numbers them."""
+        # max_tokens left out: 16, OpenAI's default for completions
         params = {"max_tokens": self.max_tokens or 16, "echo": self.echo, "logprobs": self.logprobs}
         return [{"prompt": prompt, "params": {**self.params(i), **params}} for prompt in self.prompts()
                 for i in range(self.n)]
@@ -252,9 +262,11 @@ class Gate:
         self.api_keys = [key.encode() for key in api_keys]
 
     def authorised(self, headers: dict) -> bool:
-        supplied = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
-        # compare_digest: how long a wrong key takes to refuse says nothing about the right ones
-        return any([hmac.compare_digest(supplied, key) for key in self.api_keys])
+        scheme, _, supplied = headers.get(b"authorization", b"").partition(b" ")
+        # compare_digest, against every key (a list, not a short-circuiting generator): how
+        # long a wrong key takes to refuse says nothing about the right ones.
+        matches = [hmac.compare_digest(supplied.strip(), key) for key in self.api_keys]
+        return scheme.lower() == b"bearer" and any(matches)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -262,6 +274,7 @@ class Gate:
         headers = dict(scope["headers"])
         if self.api_keys and scope["path"].startswith("/v1") and not self.authorised(headers):
             response = error_response(401, "invalid or missing API key", code="invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
             return await response(scope, receive, send)
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.limit:
@@ -378,23 +391,24 @@ def create_app(config: APIConfig) -> FastAPI:
         log.debug("request %s: %s, model %s, %d choices, stream %s", stream.id, completion_type.__name__,
                   body.model, len(stream.job_ids), body.stream)
         completion = completion_type(stream, body, timing)
-        # Wait for the first event before answering, so that an error (unknown model, no
-        # worker, a prompt too long) gets its own HTTP status rather than a 200 stream.
+        streaming = False
         try:
-            first = await stream.next()
-        except BaseException:
-            client.finish(stream)
-            raise
-        if first.kind == "error":
-            client.finish(stream)
-            completion.failed(first.error)
-            return broker_error_response(first.error)
-        if body.stream:
-            return StreamingResponse(completion.sse(client, first), media_type="text/event-stream")
-        try:
-            return await completion.json_while_connected(request, first)
+            # Wait for the first event before answering, so that an error (unknown model, no
+            # worker, a prompt too long) gets its own HTTP status rather than a 200 stream.
+            first = await while_connected(request, stream.next())
+            if first.kind == "error":
+                completion.failed(first.error)
+                return broker_error_response(first.error)
+            if body.stream:
+                streaming = True  # the stream's generator finishes it
+                return StreamingResponse(completion.sse(client, first), media_type="text/event-stream")
+            return await while_connected(request, completion.json(first))
+        except ClientGone:
+            completion.left()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         finally:
-            client.finish(stream)
+            if not streaming:
+                client.finish(stream)  # cancels the jobs still queued or running, if any
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest):
@@ -405,6 +419,24 @@ def create_app(config: APIConfig) -> FastAPI:
         return await generate(request, body, TextCompletion)
 
     return app
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its reply."""
+
+
+async def while_connected(request: Request, work):
+    """What `work` returns, unless the client disconnects first: then ClientGone, so that
+    its jobs are cancelled rather than left to hold queue places and slots for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL)
+            if not task.done() and await request.is_disconnected():
+                raise ClientGone
+        return task.result()
+    finally:
+        task.cancel()  # a no-op once it is done
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -455,6 +487,10 @@ class Completion:
         self.timing.failed(error.type)
         log.info("request %s failed (%d): %s", self.stream.id, error.status, error.message)
 
+    def left(self) -> None:
+        self.timing.failed("cancelled")
+        log.info("request %s: the client left; cancelling", self.stream.id)
+
     def _usage(self) -> dict:
         # The n choices of one prompt read it once: its tokens are counted once.
         prompt = sum(d.prompt_tokens for i, d in self.dones.items() if i % self.request.n == 0)
@@ -473,19 +509,6 @@ class Completion:
                    for i in sorted(self.dones)]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.request.model,
                 "choices": choices, "usage": self._usage()}
-
-    async def json_while_connected(self, request: Request, first) -> Response | dict:
-        """json(), unless the client disconnects first: then the caller cancels the jobs,
-        whose slots would otherwise stay busy for a reply nobody reads."""
-        reply = asyncio.ensure_future(self.json(first))
-        while not reply.done():
-            await asyncio.wait({reply}, timeout=DISCONNECT_POLL)
-            if not reply.done() and await request.is_disconnected():
-                reply.cancel()
-                self.timing.failed("cancelled")
-                log.info("request %s: the client left before its reply; cancelling", self.stream.id)
-                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        return reply.result()
 
     async def sse(self, client: BrokerClient, first):
         completed = False
@@ -508,8 +531,7 @@ class Completion:
         finally:
             # Runs when the stream ends and when the client disconnects mid-stream.
             if not completed:
-                self.timing.failed("cancelled")
-                log.info("request %s: the client left mid-stream; cancelling", self.stream.id)
+                self.left()
             client.finish(self.stream)
 
     def _header(self) -> dict:
@@ -554,9 +576,9 @@ class ChatCompletion(Completion):
     def _logprobs(self, entries: list | None) -> dict | None:
         if not self.request.logprobs or entries is None:
             return None
-        return {"content": [{**_token_logprob(token, logprob),
-                             "top_logprobs": [_token_logprob(t, lp) for t, lp in top]}
-                            for token, logprob, top, _ in entries]}
+        return {"content": [{**_token_logprob(token, raw, logprob),
+                             "top_logprobs": [_token_logprob(*alternative) for alternative in top]}
+                            for token, raw, logprob, top, _ in entries]}
 
 
 class TextCompletion(Completion):
@@ -573,12 +595,13 @@ class TextCompletion(Completion):
         """The legacy shape: parallel lists, top alternatives as {token: logprob}."""
         if self.request.logprobs is None or entries is None:
             return None
-        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
-                "top_logprobs": [dict(e[2]) for e in entries], "text_offset": [e[3] for e in entries]}
+        return {"tokens": [token for token, *_ in entries], "token_logprobs": [e[2] for e in entries],
+                "top_logprobs": [{token: logprob for token, _, logprob in e[3]} for e in entries],
+                "text_offset": [e[4] for e in entries]}
 
 
-def _token_logprob(token: str, logprob: float) -> dict:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+def _token_logprob(token: str, raw: bytes, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(raw)}
 
 
 def model_card(name: str) -> dict:

@@ -48,7 +48,7 @@ class Event:
     completion_tokens: int = 0
     error: BrokerError | None = None
     index: int = 0  # the choice it belongs to
-    logprobs: list | None = None  # entries [token, logprob, [[token, logprob], ...], text offset]
+    logprobs: list | None = None  # entries [token, bytes, logprob, [[token, bytes, logprob], ...], text offset]
 
 
 class Stream:
@@ -146,7 +146,11 @@ class BrokerClient:
 
     def finish(self, stream: Stream) -> None:
         """The caller is done with `stream`; choices still running are cancelled."""
-        running = [job_id for job_id in stream.job_ids if self.jobs.pop(job_id, None)]
+        running = []
+        for job_id in stream.job_ids:
+            if job_id in self.jobs:  # its last event has not come
+                del self.jobs[job_id]
+                running.append(job_id)
         stream.running.clear()
         if running:
             try:

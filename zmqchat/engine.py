@@ -13,7 +13,7 @@ sampling parameters, incremental detokenisation that stays correct across multi-
 characters, stop strings (never sent, even split across tokens), end-of-sequence tokens,
 max_tokens and the context window, echo, and handing out each token's logprobs with the text
 it made. A subclass supplies the model: `encode_chat()`, `encode_text()`, `decode()`,
-`token_text()` and `next_tokens()`. `HFEngine` runs a transformers causal LM;
+`token_bytes()` and `next_tokens()`. `HFEngine` runs a transformers causal LM;
 `FakeEngine` echoes the user's words with a fixed delay per step, for fast tests and for
 benchmarks of the plumbing.
 """
@@ -25,12 +25,16 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from zmqchat.models import cache_argument
 from zmqchat.scheduler import Scheduler
 
 DEFAULT_SLOTS = 16
 DEFAULT_MAX_TOKENS = 1024  # for a request that sets no max_tokens: a bound, not a whole context window
+# Prompt tokens the detokeniser starts from, as vLLM does: some tokenizers (SentencePiece's)
+# drop the leading space of the first token decoded, which a completion's first word needs.
+DETOKENIZER_CONTEXT = 5
 MAX_STOP_STRINGS = 16  # each is checked at every token; OpenAI allows 4
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 CONTEXT = "context_length_exceeded"  # OpenAI's error code for a prompt and max_tokens the model cannot hold
@@ -109,24 +113,38 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # output decoded so far
     sent: int = 0  # characters of `text` already handed out
-    prefix_offset: int = 0  # detokeniser window over output_ids, as vLLM and TGI keep it
+    # The detokeniser's window over output_ids, as vLLM and TGI keep it; negative offsets
+    # reach back into the prompt's last tokens.
+    prefix_offset: int = 0
     read_offset: int = 0
     finish_reason: str | None = None
     state: object = None
-    echo: str = ""  # the prompt's text, sent before the first output when the job asked for echo
+    pending_echo: str = ""  # the prompt's text, to send before the first output (the job asked for echo)
     echo_length: int = 0
     # Logprobs not yet handed out: (start, end) of the token's text in `text`, then its wire
-    # entry [token, logprob, [[token, logprob], ...top alternatives], offset in the output].
+    # entry [token, bytes, logprob, [[token, bytes, logprob], ...top alternatives], offset in the output].
     logprobs: list[tuple[int, int, list]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.prefix_offset = -min(DETOKENIZER_CONTEXT, len(self.prompt_ids))
+
+    def token_window(self, start: int, end: int | None = None) -> list[int]:
+        """Tokens start to end of the output, where negative positions are the prompt's last
+        tokens (-1 its last) rather than Python's count from the end."""
+        end = len(self.output_ids) if end is None else end
+        prompt_end = len(self.prompt_ids) + min(end, 0)
+        from_prompt = self.prompt_ids[len(self.prompt_ids) + start:prompt_end] if start < 0 else []
+        return from_prompt + self.output_ids[max(start, 0):max(end, 0)]
 
     @property
     def reserved_tokens(self) -> int:
         return len(self.prompt_ids) + self.max_tokens
 
-    def chunk_entry(self, delta: str) -> list:
+    def take_chunk_entry(self, delta: str) -> list:
+        """The CHUNK entry for `delta`, with (and handing out) the logprobs that go with it."""
         return self._with_logprobs([self.id, delta])
 
-    def done_entry(self, delta: str) -> list:
+    def take_done_entry(self, delta: str) -> list:
         return self._with_logprobs([self.id, delta, self.finish_reason, len(self.prompt_ids), len(self.output_ids)])
 
     def _with_logprobs(self, entry: list) -> list:
@@ -172,8 +190,8 @@ class Engine:
         """Output text, without special tokens."""
         raise NotImplementedError
 
-    def token_text(self, token_id: int) -> str:
-        """One token's own text, special tokens included: what logprobs name it by."""
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes, special tokens included: part of a character, maybe."""
         raise NotImplementedError
 
     def next_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list]:
@@ -198,8 +216,8 @@ class Engine:
         prompt_ids, prompt_text = self._encode(job)
         seq = Sequence(job["id"], prompt_ids, params, self._max_tokens(len(prompt_ids), params.max_tokens))
         if params.echo:
-            seq.echo = prompt_text if prompt_text is not None else self.decode(prompt_ids)
-            seq.echo_length = len(seq.echo)
+            seq.pending_echo = prompt_text if prompt_text is not None else self.decode(prompt_ids)
+            seq.echo_length = len(seq.pending_echo)
         if not self.scheduler.fits_alone(seq):
             raise RequestError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({seq.max_tokens}) is more than "
@@ -238,7 +256,7 @@ class Engine:
             return None
         seq.finish_reason = "cancelled"
         self._retire(seq)
-        return seq.done_entry("")
+        return seq.take_done_entry("")
 
     def step(self) -> tuple[list, list]:
         self.scheduler.schedule()
@@ -249,13 +267,13 @@ class Engine:
         tokens, logprobs = self.next_tokens(seqs)
         for seq, token, token_logprobs in zip(seqs, tokens, logprobs):
             delta = self._append(seq, token, token_logprobs)
-            if seq.echo:
-                delta, seq.echo = seq.echo + delta, ""
+            if seq.pending_echo:
+                delta, seq.pending_echo = seq.pending_echo + delta, ""
             if seq.finish_reason:
                 self._retire(seq)
-                dones.append(seq.done_entry(delta))
+                dones.append(seq.take_done_entry(delta))
             elif delta:
-                chunks.append(seq.chunk_entry(delta))
+                chunks.append(seq.take_chunk_entry(delta))
         return chunks, dones
 
     def _retire(self, seq: Sequence) -> None:
@@ -294,17 +312,24 @@ class Engine:
         """New text of the last token. Decoding a small window, not the whole output, keeps
         this O(1) per token; a window ending in U+FFFD is an incomplete UTF-8 character,
         so its text waits for the next token."""
-        ids = seq.output_ids
-        before = self.decode(ids[seq.prefix_offset:seq.read_offset])
-        after = self.decode(ids[seq.prefix_offset:])
+        before = self.decode(seq.token_window(seq.prefix_offset, seq.read_offset))
+        after = self.decode(seq.token_window(seq.prefix_offset))
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.output_ids)
             return after[len(before):]
         return ""
 
     def _logprob_entry(self, token: int, logprob: float, top: list, offset: int) -> list:
-        return [self.token_text(token), max(logprob, LOGPROB_FLOOR),
-                [[self.token_text(t), max(lp, LOGPROB_FLOOR)] for t, lp in top], offset]
+        return [*self._token(token), _floored(logprob), [[*self._token(t), _floored(lp)] for t, lp in top], offset]
+
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        """A token's name and bytes. A token holding part of a character is named by its
+        bytes, as OpenAI names it ("bytes:\\xf0\\x9f"); clients rebuild the character from them."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
     @staticmethod
     def _find_stop(seq: Sequence) -> int:
@@ -397,8 +422,22 @@ class HFEngine(Engine):
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    @cached_property
+    def _byte_decoder(self) -> dict[str, int]:
+        """Byte-level BPE (GPT-2's and most since) spells each byte as one character."""
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+        return {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else {}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self._byte_decoder and all(char in self._byte_decoder for char in piece):
+            return bytes(self._byte_decoder[char] for char in piece)
+        if fallback := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
+            return bytes([int(fallback.group(1), 16)])
+        return self.tokenizer.decode([token_id]).encode()
 
     def _shared_preamble(self) -> list[int]:
         """The tokens every conversation opening with a user message starts with (a chat
@@ -589,6 +628,11 @@ def token_logprobs(logits, tokens: list[int], wanted: list[int | None]) -> list:
     return result
 
 
+def _floored(logprob: float) -> float:
+    """The logprob, or the floor for -inf and NaN (a NaN is not >= anything)."""
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def apply_penalties(logits, seqs: list[Sequence]):
     """OpenAI's penalties: a token already generated loses presence_penalty once and
     frequency_penalty for each time it was generated."""
@@ -688,8 +732,8 @@ class FakeEngine(Engine):
     def decode(self, token_ids: list[int]) -> str:
         return "".join(self.words[t] for t in token_ids)
 
-    def token_text(self, token_id: int) -> str:
-        return self.words[token_id]
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.words[token_id].encode()
 
     def next_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list]:
         if self.delay:

@@ -19,7 +19,7 @@ Bodies, by command (direction: F frontend, B broker, W worker):
   CHUNK       W->B->F  [[id, text], ...]                 new text of each sequence, one engine step
   DONE        W->B->F  [[id, text, finish_reason, prompt_tokens, completion_tokens], ...]
                        a job whose params ask for logprobs has one more element in each CHUNK and
-                       DONE entry: [[token, logprob, [[token, logprob], ...top], text offset], ...]
+                       DONE entry: [[token, bytes, logprob, [[token, bytes, logprob], ...top], text offset], ...]
   ERROR       W/B->F   {"id", "status": http status, "type", "message"}
   DISCONNECT  W->B     {"reason", "drain": bool}: with drain, the worker takes no new jobs and
                        finishes those it has; without, it leaves now (its jobs are requeued or failed)

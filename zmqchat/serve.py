@@ -88,9 +88,10 @@ def run(config: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     # The API's keys go in its environment, not on its command line, where `ps` shows them.
-    env = {**os.environ, API_KEYS_VARIABLE: " ".join(config.api_keys)} if config.api_keys else None
-    parts = [subprocess.Popen(cmd, start_new_session=True, env=env)
-             for cmd in part_commands(config, model_path, model_name)]
+    *others, api = part_commands(config, model_path, model_name)
+    api_env = {**os.environ, API_KEYS_VARIABLE: " ".join(config.api_keys)} if config.api_keys else None
+    parts = [subprocess.Popen(cmd, start_new_session=True) for cmd in others]
+    parts.append(subprocess.Popen(api, start_new_session=True, env=api_env))
     try:
         if not wait_until_ready(config, model_name, parts, stopping):
             return 1 if not stopping else 0
