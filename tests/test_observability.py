@@ -55,3 +55,15 @@ def test_a_request_id_follows_the_request_through_every_log(cluster):
         assert lines, f"{part.name} never logged request {request_id}"
     broker_log = cluster.parts[0].output()
     assert "joined" in broker_log
+
+
+def test_interleaved_choices_are_timed_each_against_itself():
+    from zmqchat.metrics import Metrics, RequestMetrics
+
+    metrics = Metrics()
+    timing = RequestMetrics(metrics, "m")
+    for choice in (0, 1, 2, 0, 1, 2):  # n=3, two pieces each, interleaved
+        timing.output(choice)
+    samples = {s.name: s.value for family in metrics.registry.collect() for s in family.samples}
+    assert samples["zmqchat:time_to_first_token_seconds_count"] == 1  # one request, one first token
+    assert samples["zmqchat:inter_token_latency_seconds_count"] == 3  # one gap per choice, not five

@@ -462,7 +462,7 @@ class Completion:
         event = first
         while True:
             if event.kind == "chunk" or (event.kind == "done" and event.text):
-                self.timing.output()
+                self.timing.output(event.index)
             if event.kind == "error":
                 self.failed(event.error)
                 yield event

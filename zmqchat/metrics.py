@@ -57,15 +57,17 @@ class RequestMetrics:
         self.metrics = metrics
         self.model = model
         self.started = time.perf_counter()
-        self.last: float | None = None
+        self.last: dict[int, float] = {}  # when each choice last gave output
 
-    def output(self) -> None:
+    def output(self, choice: int = 0) -> None:
+        """Output of `choice` arrived: the first of the request's is its time to first token;
+        after that, the gap since the same choice's last output (choices interleave)."""
         now = time.perf_counter()
-        if self.last is None:
+        if not self.last:
             self.metrics.ttft.labels(self.model).observe(now - self.started)
-        else:
-            self.metrics.itl.labels(self.model).observe(now - self.last)
-        self.last = now
+        elif choice in self.last:
+            self.metrics.itl.labels(self.model).observe(now - self.last[choice])
+        self.last[choice] = now
 
     def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.metrics.e2e.labels(self.model).observe(time.perf_counter() - self.started)
