@@ -161,7 +161,11 @@ class Relay:
                 downstream, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the far end is not listening yet: refuse this one, as it would
+                downstream.close()
+                continue
             threading.Thread(target=self._pump, args=(downstream, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
