@@ -140,10 +140,11 @@ class GenerationRequest(Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def params(self, index: int) -> dict:
-        """The sampling parameters of choice `index`. A seeded request's choices get seeds of
+        """The sampling parameters of choice `index` that both APIs share (max_tokens, whose
+        default differs, each adds itself). A seeded request's choices get seeds of
         their own, so that n choices differ and the same request gives the same n again."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+        return {"temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "stop": stop, "ignore_eos": self.ignore_eos,
                 "seed": None if self.seed is None else (self.seed + index) % 2**63}
@@ -446,7 +447,8 @@ class Completion:
     events come interleaved; each choice ends with its "done", the request with the last
     choice's, or with the first error. Subclasses shape the choices of their API."""
 
-    object: str
+    object: str  # of a whole response
+    chunk_object: str  # of each streamed chunk
     id_prefix: str
 
     def __init__(self, stream: Stream, request: GenerationRequest, timing: RequestMetrics):
@@ -507,8 +509,7 @@ class Completion:
             logprobs.setdefault(event.index, []).extend(event.logprobs or [])
         choices = [self.choice(i, "".join(texts[i]), logprobs[i], self.dones[i].finish_reason)
                    for i in sorted(self.dones)]
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.request.model,
-                "choices": choices, "usage": self._usage()}
+        return {**self._header(self.object), "choices": choices, "usage": self._usage()}
 
     async def sse(self, client: BrokerClient, first):
         completed = False
@@ -525,7 +526,7 @@ class Completion:
                     yield self._chunk(self.chunk_choice(event.index, None, None, event.finish_reason))
             else:
                 if self.request.include_usage:
-                    yield _sse({**self._header(), "choices": [], "usage": self._usage()})
+                    yield _sse({**self._header(self.chunk_object), "choices": [], "usage": self._usage()})
             yield "data: [DONE]\n\n"
             completed = True
         finally:
@@ -534,11 +535,11 @@ class Completion:
                 self.left()
             client.finish(self.stream)
 
-    def _header(self) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.request.model}
+    def _header(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.request.model}
 
     def _chunk(self, choice: dict) -> str:
-        return _sse({**self._header(), "choices": [choice]})
+        return _sse({**self._header(self.chunk_object), "choices": [choice]})
 
     # -- the API's shapes, supplied by subclasses -----------------------------------------
 
@@ -555,10 +556,8 @@ class Completion:
 
 class ChatCompletion(Completion):
     object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
-
-    def _header(self) -> dict:
-        return {**super()._header(), "object": "chat.completion.chunk"}
 
     def opening_chunks(self) -> list[str]:
         """The role, first, in each choice's first delta, as OpenAI's clients expect."""
@@ -582,7 +581,7 @@ class ChatCompletion(Completion):
 
 
 class TextCompletion(Completion):
-    object = "text_completion"
+    object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
     def choice(self, index, text, logprobs, finish_reason) -> dict:
