@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from zmqchat.client import BrokerError, fetch_status
@@ -100,7 +101,8 @@ class Cluster:
         return part
 
     def status(self) -> dict:
-        return fetch_status(self.frontend, timeout=2.0)
+        """The broker's STATUS as the JSON that /v1/cluster serves."""
+        return msgspec.to_builtins(fetch_status(self.frontend, timeout=2.0))
 
     def workers(self) -> list[dict]:
         try:

@@ -12,6 +12,8 @@ from conftest import free_port, wait_for
 
 from zmqchat.models import DEFAULT_MODEL_NAME
 
+pytestmark = pytest.mark.model  # every test here runs the real default model
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

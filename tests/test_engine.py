@@ -1,271 +1,439 @@
-"""The engine in-process: sequence bookkeeping on the fake model, generation on the real one."""
+"""The engine in-process: sequence bookkeeping on the fake runner, generation on the real model."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from zmqchat.engine import FakeEngine, HFEngine, RequestError, SamplingParams
+from zmqchat.config import DEFAULT_MAX_TOKENS
+from zmqchat.engine import Engine, FakeRunner
+from zmqchat.protocol import Alternative, ChatMessage, ErrorCode, JobError, Output, SamplingParams, Submit, Usage
 
 
-def job(job_id: str, content: str, **params) -> dict:
-    return {"id": job_id, "messages": [{"role": "user", "content": content}], "params": params}
+def job(job_id: str, content: str, **params) -> Submit:
+    return Submit(job_id, "m", 30.0, SamplingParams(**params), messages=[ChatMessage("user", content)])
 
 
-def collect(results: dict[str, dict], chunks: list, dones: list) -> None:
-    """Add one step's output to `results`: per id, the text, finish reason and token counts,
-    and the logprob entries of a sequence that asked for them."""
-    for job_id, text, *logprobs in chunks:
-        r = results.setdefault(job_id, {"text": ""})
-        r["text"] += text
-        if logprobs:
-            r.setdefault("logprobs", []).extend(logprobs[0])
-    for job_id, text, reason, prompt_tokens, completion_tokens, *logprobs in dones:
-        r = results.setdefault(job_id, {"text": ""})
-        r.update(text=r["text"] + text, reason=reason, usage=(prompt_tokens, completion_tokens))
-        if logprobs:
-            r.setdefault("logprobs", []).extend(logprobs[0])
+def completion(job_id: str, prompt: str | list[int], **params) -> Submit:
+    return Submit(job_id, "m", 30.0, SamplingParams(**params), prompt=prompt)
 
 
-def run_to_end(engine, max_steps: int = 500) -> dict[str, dict]:
+def collect(results: dict[str, dict], outputs: list[Output]) -> None:
+    """Add one step's outputs to `results`: per id, the text, finish reason and usage, and the
+    logprob entries of a sequence that asked for them."""
+    for out in outputs:
+        r = results.setdefault(out.id, {"text": ""})
+        r["text"] += out.text
+        if out.logprobs is not None:
+            r.setdefault("logprobs", []).extend(out.logprobs)
+        if out.finish:
+            r.update(reason=out.finish, usage=(out.usage.prompt_tokens, out.usage.completion_tokens))
+
+
+def run_to_end(engine: Engine, max_steps: int = 500) -> dict[str, dict]:
     """Step until idle; what each sequence produced."""
     results: dict[str, dict] = {}
     for _ in range(max_steps):
-        if not engine.sequences:
+        if not engine.has_work:
             return results
-        collect(results, *engine.step())
+        collect(results, engine.step())
     raise AssertionError("the engine never went idle")
 
 
-# -- shared sequence logic, on the fake model ---------------------------------------------------
+def refused(engine: Engine, submit: Submit) -> JobError:
+    with pytest.raises(JobError) as info:
+        engine.add(submit)
+    return info.value
 
-def test_sequences_join_and_leave_a_running_batch():
-    engine = FakeEngine()
-    engine.add(job("long", "a b c d e f"))
+
+@pytest.fixture
+def fake() -> Engine:
+    return Engine(FakeRunner())
+
+
+# -- shared sequence logic, on the fake runner ---------------------------------------------------
+
+def test_importing_the_engine_does_not_load_torch():
+    code = "import sys, zmqchat.engine; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sequences_join_and_leave_a_running_batch(fake):
+    fake.add(job("long", "a b c d e f"))
+    fake.step()
+    fake.step()
+    fake.add(job("short", "x y"))  # joins while "long" is mid-way
+    assert [o.id for o in fake.step()] == ["long", "short"]
+    assert [o.id for o in fake.step() if o.finish] == []
+    done = [o for o in fake.step() if o.finish]  # "short" has said both words: its end-of-sequence step
+    assert [o.id for o in done] == ["short"] and fake.job_ids() == ["long"]
+    assert run_to_end(fake)["long"]["text"] == "f"  # five steps said a..e
+
+
+def test_idle_engine_steps_to_nothing(fake):
+    assert fake.step() == [] and not fake.has_work and fake.job_ids() == []
+
+
+def test_a_chat_counts_every_word_of_every_message(fake):
+    messages = [ChatMessage("system", "be brief"), ChatMessage("user", "say a b c"), ChatMessage("assistant", "ok")]
+    fake.add(Submit("m", "m", 30.0, messages=messages))
+    result = run_to_end(fake)["m"]
+    assert result == {"text": "say a b c", "reason": "stop", "usage": (7, 5)}  # 4 words + end-of-sequence
+
+
+def test_stop_string_split_across_tokens_is_never_sent(fake):
+    fake.add(job("s", "one two END three", stop=("two EN",)))
+    assert run_to_end(fake)["s"] == {"text": "one ", "reason": "stop", "usage": (4, 3)}
+
+
+def test_text_that_only_looks_like_a_stop_string_is_released(fake):
+    fake.add(job("s", "tw two- tw", stop=("two-x",)))
+    assert run_to_end(fake)["s"]["text"] == "tw two- tw"
+
+
+def test_max_tokens_gives_length(fake):
+    fake.add(job("m", "a b c d", max_tokens=2))
+    assert run_to_end(fake)["m"] == {"text": "a b ", "reason": "length", "usage": (4, 2)}
+
+
+def test_ignore_eos_runs_to_max_tokens(fake):
+    fake.add(job("e", "two words", max_tokens=5, ignore_eos=True))
+    result = run_to_end(fake)["e"]
+    assert result["reason"] == "length" and result["usage"] == (2, 5)
+
+
+def test_a_request_without_max_tokens_is_bounded():
+    engine = Engine(FakeRunner(context_window=100_000))
+    engine.add(job("unbounded", "hi"))
+    assert engine.scheduler.get("unbounded").max_tokens == DEFAULT_MAX_TOKENS
+
+
+def test_cancel_removes_the_sequence_and_confirms(fake):
+    fake.add(job("c", "a b c"))
+    fake.step()
+    assert fake.cancel("c") == Output("c", "", None, "cancelled", Usage(3, 1))
+    assert not fake.has_work and fake.cancel("c") is None
+
+
+def test_a_waiting_sequence_can_be_cancelled():
+    runner = FakeRunner()
+    runner.token_budget = 10  # one job of 2 + 4 tokens fits; two, padded to 2 x 6, do not
+    engine = Engine(runner)
+    engine.add(job("run", "a b", max_tokens=4))
+    engine.add(job("wait", "c d", max_tokens=4))
     engine.step()
-    engine.step()
-    engine.add(job("short", "x y"))  # joins while "long" is mid-way
-    chunks, _ = engine.step()
-    assert [c[0] for c in chunks] == ["long", "short"]
-    _, dones = engine.step()
-    assert [d[0] for d in dones] == []
-    _, dones = engine.step()  # "short" has said both words: its end-of-sequence step
-    assert [d[0] for d in dones] == ["short"] and list(engine.sequences) == ["long"]
-    assert run_to_end(engine)["long"]["text"] == "f"  # five steps said a..e
-
-
-def test_stop_string_split_across_tokens_is_never_sent():
-    engine = FakeEngine()
-    engine.add(job("s", "one two END three", stop=["two EN"]))
-    result = run_to_end(engine)["s"]
-    assert result == {"text": "one ", "reason": "stop", "usage": (4, 3)}
-
-
-def test_text_that_only_looks_like_a_stop_string_is_released():
-    engine = FakeEngine()
-    engine.add(job("s", "tw two- tw", stop=["two-x"]))
-    assert run_to_end(engine)["s"]["text"] == "tw two- tw"
-
-
-def test_max_tokens_gives_length():
-    engine = FakeEngine()
-    engine.add(job("m", "a b c d", max_tokens=2))
-    assert run_to_end(engine)["m"] == {"text": "a b ", "reason": "length", "usage": (4, 2)}
-
-
-def test_cancel_removes_the_sequence_and_confirms():
-    engine = FakeEngine()
-    engine.add(job("c", "a b c"))
-    engine.step()
-    assert engine.cancel("c") == ["c", "", "cancelled", 3, 1]
-    assert not engine.sequences and engine.cancel("c") is None
+    assert [s.id for s in engine.scheduler.waiting] == ["wait"]
+    assert engine.cancel("wait").usage.completion_tokens == 0
+    assert run_to_end(engine)["run"]["text"] == "b"
 
 
 def test_prompt_beyond_the_context_window_is_refused():
-    engine = FakeEngine(context_window=4)
-    with pytest.raises(RequestError, match="maximum context length is 4 tokens"):
-        engine.add(job("big", "one two three four five"))
+    error = refused(Engine(FakeRunner(context_window=4)), job("big", "one two three four five"))
+    assert error.code == ErrorCode.CONTEXT_LENGTH
+    assert error.message == ("This model's maximum context length is 4 tokens. However, the prompt has 5 tokens. "
+                             "Please shorten the prompt.")
 
 
 def test_prompt_plus_max_tokens_beyond_the_window_is_refused_with_the_numbers():
-    engine = FakeEngine(context_window=10)
-    with pytest.raises(RequestError, match=r"context length is 10 tokens.*requested 13 tokens \(3 in the prompt, "
-                                           r"10 for the completion\)"):
-        engine.add(job("big", "one two three", max_tokens=10))
+    engine = Engine(FakeRunner(context_window=10))
+    error = refused(engine, job("big", "one two three", max_tokens=10))
+    assert error.code == ErrorCode.CONTEXT_LENGTH
+    assert error.message == ("This model's maximum context length is 10 tokens. However, you requested 13 tokens "
+                             "(3 in the prompt, 10 for the completion). Please reduce the prompt or max_tokens.")
     engine.add(job("fits", "one two three", max_tokens=7))
 
 
-def test_logprobs_leave_with_their_text_and_never_for_a_stop_string():
-    engine = FakeEngine()
-    engine.add(job("s", "one two END three", stop=["two EN"], logprobs=2))
-    result = run_to_end(engine)["s"]
+def test_a_job_over_the_token_budget_is_refused():
+    runner = FakeRunner()
+    runner.token_budget = 8
+    error = refused(Engine(runner), job("big", "one two three", max_tokens=6))
+    assert error.code == ErrorCode.INVALID_REQUEST and "8 tokens in flight" in error.message
+
+
+def test_logprobs_leave_with_their_text_and_never_for_a_stop_string(fake):
+    fake.add(job("s", "one two END three", stop=("two EN",), logprobs=2))
+    result = run_to_end(fake)["s"]
     assert result["text"] == "one "
-    assert result["logprobs"] == [["one ", b"one ", 0.0, [["one ", b"one ", 0.0], ["</s>", b"</s>", -9999.0]], 0]]
+    [entry] = result["logprobs"]
+    assert (entry.token, entry.raw, entry.logprob, entry.offset) == ("one ", b"one ", 0.0, 0)
+    assert entry.top == [Alternative("one ", b"one ", 0.0), Alternative("</s>", b"</s>", -9999.0)]
 
 
-def test_logprobs_cover_every_token_of_a_reply_in_order():
-    engine = FakeEngine()
-    engine.add(job("l", "a bb ccc", logprobs=0))
-    result = run_to_end(engine)["l"]
-    assert [e[0] for e in result["logprobs"]] == ["a ", "bb ", "ccc"]  # no entry for end-of-sequence
-    assert [e[4] for e in result["logprobs"]] == [0, 2, 5] and all(e[3] == [] for e in result["logprobs"])
+def test_logprobs_cover_every_token_of_a_reply_in_order(fake):
+    fake.add(job("l", "a bb ccc", logprobs=0))
+    entries = run_to_end(fake)["l"]["logprobs"]
+    assert [e.token for e in entries] == ["a ", "bb ", "ccc"]  # no entry for end-of-sequence
+    assert [e.offset for e in entries] == [0, 2, 5] and all(e.top == [] for e in entries)
 
 
-def test_a_completion_echoes_its_prompt_before_the_output():
-    engine = FakeEngine()
-    engine.add({"id": "e", "prompt": "say this", "params": {"echo": True, "logprobs": 0}})
-    result = run_to_end(engine)["e"]
+def test_no_logprobs_unless_asked(fake):
+    fake.add(job("n", "a b"))
+    fake.add(job("y", "a b", logprobs=0))
+    outputs = fake.step()
+    assert [o.logprobs is None for o in outputs] == [True, False]
+
+
+def test_a_completion_echoes_its_prompt_before_the_output(fake):
+    fake.add(completion("e", "say this", echo=True, logprobs=0))
+    result = run_to_end(fake)["e"]
     assert result["text"] == "say thissay this"
-    assert [e[4] for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
+    assert [e.offset for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
 
 
-def test_a_prompt_of_token_ids_is_checked_against_the_vocabulary():
-    engine = FakeEngine()
-    ids = engine.encode_text("red green blue")
-    engine.add({"id": "ids", "prompt": ids, "params": {"echo": True}})
-    assert run_to_end(engine)["ids"]["text"] == "red green bluered green blue"
-    for bad in ([], [engine.vocab_size], [-1], ["red"]):
-        with pytest.raises(RequestError, match="token ids"):
-            engine.add({"id": "bad", "prompt": bad, "params": {}})
+def test_a_prompt_of_token_ids_is_checked_against_the_vocabulary(fake):
+    ids = fake.runner.encode_text("red green blue")
+    fake.add(completion("ids", ids, echo=True))
+    assert run_to_end(fake)["ids"]["text"] == "red green bluered green blue"
+    for bad in ([], [fake.runner.vocab_size]):
+        error = refused(fake, completion("bad", bad))
+        assert error.code == ErrorCode.INVALID_REQUEST and "token ids" in error.message
+
+
+def test_a_prompt_without_text_is_refused(fake):
+    assert refused(fake, job("empty", "  ")).code == ErrorCode.INVALID_REQUEST
 
 
 def test_a_full_engine_refuses_more_work():
-    engine = FakeEngine(slots=1)
+    engine = Engine(FakeRunner(), slots=1)
     engine.add(job("a", "x"))
-    with pytest.raises(RequestError) as info:
-        engine.add(job("b", "y"))
-    assert info.value.status == 503
+    assert refused(engine, job("b", "y")).code == ErrorCode.OVERLOADED
 
 
-@pytest.mark.parametrize("params", [{"temperature": "hot"}, {"temperature": 9}, {"top_p": 0},
-                                    {"max_tokens": 0}, {"temperature": float("nan")}, {"logprobs": 21},
-                                    {"stop": [f"s{i}" for i in range(17)]}])
-def test_bad_sampling_parameters_are_refused(params):
-    with pytest.raises(RequestError):
-        SamplingParams.from_wire(params)
+def test_a_running_id_is_refused(fake):
+    fake.add(job("a", "x"))
+    error = refused(fake, job("a", "y"))
+    assert error.code == ErrorCode.INVALID_REQUEST and "already running" in error.message
+
+
+def test_the_fake_takes_its_delay_once_per_step_whatever_the_batch():
+    import time
+
+    engine = Engine(FakeRunner(delay=0.05))
+    for i in range(8):
+        engine.add(job(f"j{i}", "a"))
+    start = time.monotonic()
+    engine.step()
+    assert 0.05 <= time.monotonic() - start < 0.05 * 3
 
 
 # -- the real default model -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol():
+def smol() -> Engine:
     from zmqchat import models
+    from zmqchat.engine import HFRunner
 
-    return HFEngine(models.load(device="cpu"), slots=4)
+    return Engine(HFRunner(models.load(device="cpu")), slots=4)
 
 
+def greedy_alone(engine: Engine, prompts: dict[str, str], max_tokens: int) -> dict[str, dict]:
+    results = {}
+    for job_id, prompt in prompts.items():
+        engine.add(job(job_id, prompt, temperature=0, max_tokens=max_tokens))
+        results.update(run_to_end(engine))
+    return results
+
+
+def record_tokens(engine: Engine, monkeypatch) -> dict[str, list[int]]:
+    """Every token the runner gives each sequence, from now on."""
+    tokens: dict[str, list[int]] = {}
+    run = engine.runner.run
+
+    def recording(batch):
+        out = run(batch)
+        for seq, token in zip(batch.sequences, out[0]):
+            tokens.setdefault(seq.id, []).append(token)
+        return out
+
+    monkeypatch.setattr(engine.runner, "run", recording)
+    return tokens
+
+
+@pytest.mark.model
 def test_default_model_knows_the_capital_of_france(smol):
     smol.add(job("q", "What is the capital of France?", temperature=0, max_tokens=20))
     result = run_to_end(smol)["q"]
     assert "Paris" in result["text"] and result["reason"] == "stop"
-    assert result["usage"][1] == len(smol.tokenizer(result["text"]).input_ids) + 1  # + end of turn
+    assert result["usage"][1] == len(smol.runner.tokenizer(result["text"]).input_ids) + 1  # + end of turn
 
 
+@pytest.mark.model
 def test_interleaved_greedy_generation_matches_one_at_a_time(smol):
     prompts = {"a": "Name three colours.", "b": "What is 2+2?", "c": "Say hello in French."}
-    alone = {}
-    for job_id, prompt in prompts.items():
-        smol.add(job(job_id, prompt, temperature=0, max_tokens=12))
-        alone.update(run_to_end(smol))
+    alone = greedy_alone(smol, prompts, 12)
     for job_id, prompt in prompts.items():
         smol.add(job(job_id, prompt, temperature=0, max_tokens=12))
     assert run_to_end(smol) == alone
 
 
-def test_seed_makes_sampling_repeatable(smol):
-    texts = []
-    for seed in (7, 7, 8):
-        smol.add(job("s", "Write a word.", temperature=1.0, top_p=0.9, seed=seed, max_tokens=8))
-        texts.append(run_to_end(smol)["s"]["text"])
-    assert texts[0] == texts[1]
-
-
-@pytest.mark.parametrize("text", ["巴黎是法国的首都。", "Paris 🇫🇷 is lovely 😀👍", "naïve café — déjà vu"])
-def test_streamed_text_is_exact_across_multibyte_characters(smol, text):
-    from zmqchat.engine import Sequence
-
-    ids = smol.tokenizer(text, add_special_tokens=False).input_ids
-    seq = Sequence("x", [1], SamplingParams(), max_tokens=len(ids) + 1)
-    pieces = [smol._append(seq, token, None) for token in ids]
-    assert all("\ufffd" not in piece for piece in pieces)
-    assert "".join(pieces) + smol._flush(seq) == text
-
-
-def test_sequences_joining_a_running_batch_generate_what_they_would_alone(smol):
-    prompts = ["Name three colours.", "What is 2+2?", "Say hello in French.", "Count to five."]
+@pytest.mark.model
+def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_alone(smol, monkeypatch):
+    prompts = {"q0": "Name three colours.", "q1": "What is 2+2?", "q2": "Say hello in French.",
+               "q3": "Count to five."}
+    max_tokens = {"q0": 10, "q1": 4, "q2": 10, "q3": 10}  # q1, a middle row, leaves early
+    tokens = record_tokens(smol, monkeypatch)
     alone = {}
-    for i, prompt in enumerate(prompts):
-        smol.add(job(f"q{i}", prompt, temperature=0, max_tokens=10))
+    for job_id, prompt in prompts.items():
+        smol.add(job(job_id, prompt, temperature=0, max_tokens=max_tokens[job_id]))
         alone.update(run_to_end(smol))
+    tokens_alone = dict(tokens)
+    tokens.clear()
     # q0 starts alone; q1 and q2 join after two and four steps; q3 joins as the batch shrinks.
     results: dict[str, dict] = {}
     schedule = {0: ["q0"], 2: ["q1"], 4: ["q2"], 9: ["q3"]}
     batch_sizes = []
     for step in range(60):
         for job_id in schedule.get(step, []):
-            smol.add(job(job_id, prompts[int(job_id[1])], temperature=0, max_tokens=10))
-        if not smol.sequences and step > 9:
+            smol.add(job(job_id, prompts[job_id], temperature=0, max_tokens=max_tokens[job_id]))
+        if not smol.has_work and step > 9:
             break
-        batch_sizes.append(len(smol.scheduler))
-        collect(results, *smol.step())
+        batch_sizes.append(len(smol.scheduler.running) + len(smol.scheduler.waiting))
+        collect(results, smol.step())
     assert max(batch_sizes) >= 3  # they really shared forward passes
-    assert results == alone
-    assert smol.rows == [] and smol.cache is None  # everything left the batch
+    assert tokens == tokens_alone and results == alone
+    assert smol.runner.cache is None and smol.runner.generators == []  # everything left the batch
 
 
+@pytest.mark.model
 def test_cancelled_sequence_leaves_the_batch_at_the_next_step(smol):
     smol.add(job("stay", "Tell me a long story.", temperature=0, max_tokens=30))
     smol.add(job("go", "Tell me another long story.", temperature=0, max_tokens=30))
     smol.step()
-    assert len(smol.rows) == 2
+    assert smol.runner.mask.shape[0] == 2
     smol.cancel("go")
     smol.step()
-    assert [s.id for s in smol.rows] == ["stay"] and smol.cache.layers[0].keys.shape[0] == 1
-    smol.cancel("stay")
-    smol.step()
-    assert smol.rows == [] and smol.cache is None
+    assert smol.job_ids() == ["stay"] and smol.runner.cache.layers[0].keys.shape[0] == 1
+    smol.cancel("stay")  # the last one: the cache goes at once, with no step to come
+    assert smol.runner.cache is None and smol.runner.mask is None
 
 
+@pytest.mark.model
 def test_batched_greedy_output_matches_transformers_generate(smol):
     import torch
 
-    prompts = ["What is the capital of France?", "Name a fruit.", "Write one word about the sea.",
-               "用中文说你好"]
-    assert smol.preamble  # the shared preamble's KV is reused: this test covers that path too
+    runner = smol.runner
+    prompts = ["What is the capital of France?", "Name a fruit.", "Write one word about the sea.", "用中文说你好"]
+    assert runner.preamble  # the shared preamble's KV is reused: this test covers that path too
     for i, prompt in enumerate(prompts):
         smol.add(job(f"p{i}", prompt, temperature=0, max_tokens=16))
     batched = run_to_end(smol)
     for i, prompt in enumerate(prompts):
-        ids = smol.encode_chat([{"role": "user", "content": prompt}])
+        ids = runner.encode_chat([ChatMessage("user", prompt)])
         with torch.inference_mode():
-            out = smol.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
-        reference = smol.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+            out = runner.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+        reference = runner.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
         # A reply cut by max_tokens mid-character ends without the broken half (U+FFFD).
         assert batched[f"p{i}"]["text"] == reference.rstrip("\ufffd")
 
 
-def test_unset_parameters_take_the_models_defaults():
-    defaults = {"temperature": 0.2, "top_p": 0.9}
-    assert SamplingParams.from_wire({"temperature": None, "top_p": None}, defaults) == SamplingParams(
-        temperature=0.2, top_p=0.9)
-    assert SamplingParams.from_wire({"temperature": 0.0}, defaults).temperature == 0.0  # the request wins
+@pytest.mark.model
+def test_seed_makes_sampling_repeatable(smol):
+    def sample(seed: int) -> str:
+        smol.add(job("s", "Write a word.", temperature=1.0, top_p=0.9, seed=seed, max_tokens=8))
+        return run_to_end(smol)["s"]["text"]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len({sample(seed) for seed in range(8, 12)} | {first}) > 1  # and the seed matters
 
 
-def test_a_request_without_max_tokens_is_bounded():
-    from zmqchat.engine import DEFAULT_MAX_TOKENS
+@pytest.mark.model
+def test_temperature_top_k_and_top_p_shape_the_sampling(smol):
+    def texts(**params) -> set[str]:
+        found = set()
+        for seed in range(6):
+            smol.add(job("t", "Write a word.", max_tokens=6, seed=seed, **params))
+            found.add(run_to_end(smol)["t"]["text"])
+        return found
 
-    engine = FakeEngine(context_window=100_000)
-    engine.add(job("unbounded", "hi"))
-    assert engine.sequences["unbounded"].max_tokens == DEFAULT_MAX_TOKENS
+    greedy = texts(temperature=0)
+    assert len(greedy) == 1  # temperature 0 is greedy, seed or not
+    assert texts(temperature=1.5, top_k=1) == greedy  # top_k 1 leaves only the likeliest
+    assert texts(temperature=1.5, top_p=1e-6) == greedy  # so does a tiny top_p
+    assert len(texts(temperature=1.5)) > 1
 
 
-def test_default_model_samples_as_its_card_says(smol):
-    assert smol.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+@pytest.mark.model
+def test_the_models_own_sampling_defaults_apply_when_a_job_sets_none(smol):
+    assert smol.runner.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+    smol.add(job("d", "hi", max_tokens=1))
+    assert (smol.scheduler.get("d").params.temperature, smol.scheduler.get("d").params.top_p) == (0.2, 0.9)
+    smol.cancel("d")
 
+
+@pytest.mark.model
+def test_frequency_penalty_changes_a_repetitive_greedy_reply(smol):
+    prompt = "Repeat the word hello twenty times."
+    replies = []
+    for penalty in (0.0, 2.0):
+        smol.add(job("r", prompt, temperature=0, max_tokens=24, frequency_penalty=penalty))
+        replies.append(run_to_end(smol)["r"]["text"])
+    assert replies[0].lower().count("hello") > replies[1].lower().count("hello")
+
+
+@pytest.mark.model
+def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
+    import math
+
+    smol.add(job("lp", "What is the capital of France?", temperature=0, max_tokens=12, logprobs=3))
+    result = run_to_end(smol)["lp"]
+    entries = result["logprobs"]
+    assert "".join(e.token for e in entries) == result["text"]
+    for e in entries:
+        assert e.raw.decode() == e.token
+        assert len(e.top) == 3 and e.top[0].token == e.token and e.top[0].logprob == e.logprob  # greedy
+        assert [a.logprob for a in e.top] == sorted((a.logprob for a in e.top), reverse=True)
+        assert e.logprob <= 0 and sum(math.exp(a.logprob) for a in e.top) <= 1.0001
+
+
+@pytest.mark.model
+def test_default_model_completes_raw_text(smol):
+    prompt = "The capital of France is"
+    smol.add(completion("c", prompt, temperature=0, max_tokens=8, echo=True))
+    result = run_to_end(smol)["c"]
+    assert result["text"].startswith(prompt) and len(result["text"]) > len(prompt)
+    assert result["usage"] == (len(smol.runner.tokenizer(prompt).input_ids), 8)
+
+
+@pytest.mark.model
+def test_a_prompt_over_the_models_window_is_refused(smol):
+    words = " ".join(["word"] * smol.runner.context_window)
+    assert refused(smol, completion("long", words)).code == ErrorCode.CONTEXT_LENGTH
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("text", ["巴黎是法国的首都。", "Paris 🇫🇷 is lovely 😀👍", "naïve café — déjà vu"])
+def test_streamed_text_is_exact_across_multibyte_characters(smol, text):
+    from zmqchat.engine.sequence import Sequence, resolve
+
+    ids = smol.runner.tokenizer(text, add_special_tokens=False).input_ids
+    seq = Sequence("x", [1], resolve(SamplingParams(), {}), max_tokens=len(ids) + 1)
+    pieces = [smol.detokenizer.append(seq, token) for token in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == text
+
+
+@pytest.mark.model
+def test_default_model_names_a_token_that_is_part_of_a_character_by_its_bytes(smol):
+    from zmqchat.engine.sequence import Sequence, resolve
+
+    ids = smol.runner.tokenizer("Tea 🍵", add_special_tokens=False).input_ids
+    seq = Sequence("t", [1], resolve(SamplingParams(logprobs=0), {}), max_tokens=len(ids) + 1)
+    for token in ids:
+        smol.detokenizer.append(seq, token, (0.0, []))
+    entries = smol.detokenizer.take_logprobs(seq)
+    assert b"".join(e.raw for e in entries).decode() == "Tea 🍵"  # the bytes rebuild the text, emoji and all
+    assert any(e.token.startswith("bytes:\\x") for e in entries)  # the emoji's pieces, named as OpenAI does
+
+
+# -- the sampler's parts ----------------------------------------------------------------------
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     import torch
 
-    from zmqchat.engine import nucleus
+    from zmqchat.engine.sampler import nucleus
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
     weights, tokens = nucleus(probs, torch.tensor([0.7, 0.6]))
@@ -278,17 +446,10 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert nucleus(probs, torch.tensor([1.0, 1.0]))[1] is None  # no filtering: the whole distribution
 
 
-def test_ignore_eos_runs_to_max_tokens():
-    engine = FakeEngine()
-    engine.add(job("e", "two words", max_tokens=5, ignore_eos=True))
-    result = run_to_end(engine)["e"]
-    assert result["reason"] == "length" and result["usage"] == (2, 5)
-
-
 def test_top_k_keeps_only_each_rows_likeliest():
     import torch
 
-    from zmqchat.engine import top_k_only
+    from zmqchat.engine.sampler import top_k_only
 
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
     kept = top_k_only(logits, [2, 0])
@@ -299,10 +460,11 @@ def test_top_k_keeps_only_each_rows_likeliest():
 def test_penalties_push_down_what_was_already_said():
     import torch
 
-    from zmqchat.engine import Sequence, apply_penalties
+    from zmqchat.engine.sampler import apply_penalties
+    from zmqchat.engine.sequence import Sequence, resolve
 
     def seq(**params):
-        return Sequence("s", [1], SamplingParams(**params), 10, output_ids=[2, 2, 3])
+        return Sequence("s", [1], resolve(SamplingParams(**params), {}), 10, output_ids=[2, 2, 3])
 
     logits = torch.zeros(2, 5)
     out = apply_penalties(logits, [seq(frequency_penalty=0.5), seq(presence_penalty=1.0)])
@@ -311,45 +473,16 @@ def test_penalties_push_down_what_was_already_said():
     assert apply_penalties(logits, [seq(), seq()]) is logits  # nothing to do, nothing copied
 
 
-def test_frequency_penalty_changes_a_repetitive_greedy_reply(smol):
-    prompt = "Repeat the word hello twenty times."
-    replies = []
-    for penalty in (0.0, 2.0):
-        smol.add(job("r", prompt, temperature=0, max_tokens=24, frequency_penalty=penalty))
-        replies.append(run_to_end(smol)["r"]["text"])
-    assert replies[0].lower().count("hello") > replies[1].lower().count("hello")
-
-
-def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
+def test_logprobs_are_the_models_own_distribution():
     import math
 
-    smol.add(job("lp", "What is the capital of France?", temperature=0, max_tokens=12, logprobs=3))
-    result = run_to_end(smol)["lp"]
-    entries = result["logprobs"]
-    assert "".join(e[0] for e in entries) == result["text"]
-    for token, raw, logprob, top, _ in entries:
-        assert raw.decode() == token
-        assert len(top) == 3 and top[0][0] == token and top[0][2] == logprob  # greedy: the likeliest
-        assert [lp for *_, lp in top] == sorted((lp for *_, lp in top), reverse=True)
-        assert logprob <= 0 and sum(math.exp(lp) for *_, lp in top) <= 1.0001
+    import torch
 
+    from zmqchat.engine.sampler import token_logprobs
 
-def test_default_model_completes_raw_text(smol):
-    prompt = "The capital of France is"
-    smol.add({"id": "c", "prompt": prompt, "params": {"temperature": 0, "max_tokens": 8, "echo": True}})
-    result = run_to_end(smol)["c"]
-    assert result["text"].startswith(prompt) and len(result["text"]) > len(prompt)
-    assert result["usage"] == (len(smol.tokenizer(prompt).input_ids), 8)
-
-
-def test_default_model_names_a_token_that_is_part_of_a_character_by_its_bytes(smol):
-    from zmqchat.engine import Sequence
-
-    ids = smol.tokenizer("Tea 🍵", add_special_tokens=False).input_ids
-    seq = Sequence("t", [1], SamplingParams(logprobs=0), max_tokens=len(ids) + 1)
-    for token in ids:
-        smol._append(seq, token, (0.0, []))
-    smol._flush(seq)
-    names, raws = zip(*[(entry[0], entry[1]) for *_, entry in seq.logprobs])
-    assert b"".join(raws).decode() == "Tea 🍵"  # the bytes rebuild the text, emoji and all
-    assert any(name.startswith("bytes:\\x") for name in names)  # the emoji's pieces, named as OpenAI does
+    logits = torch.tensor([[0.0, math.log(3.0)], [5.0, 0.0]])
+    out = token_logprobs(logits, [0, 0], [1, None])
+    assert out[1] is None
+    chosen, [(top_id, top_lp)] = out[0]
+    assert math.isclose(chosen, math.log(0.25), rel_tol=1e-5) and top_id == 1
+    assert math.isclose(top_lp, math.log(0.75), rel_tol=1e-5)

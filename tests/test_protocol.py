@@ -1,41 +1,186 @@
-import msgpack
+"""The wire: every message round-trips; every missing, mistyped or out-of-range field, and any
+other body at all, is a ProtocolError and nothing else."""
+
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zmqchat import protocol as p
 
+LOGPROB = p.TokenLogprob("Paris", b"Paris", -0.01, [p.Alternative("Paris", b"Paris", -0.01),
+                                                     p.Alternative("bytes:\\xe5", b"\xe5", -5.0)], 12)
+EXAMPLES = [
+    p.Ready(worker_id="w1", models=["m"], slots=4, host="h", device="cpu", pid=1),
+    p.Heartbeat(),
+    p.Heartbeat(broker_id="b1"),
+    p.Submit(id="r1", model="m", timeout=30.0, messages=[p.ChatMessage("user", "hi")],
+             params=p.SamplingParams(max_tokens=5, temperature=0.0, stop=("\n",), seed=-(2**63), logprobs=2)),
+    p.Submit(id="r2", model="m", timeout=1.0, prompt=[1, 2, 3], params=p.SamplingParams(echo=True)),
+    p.Submit(id="r3", model="m", timeout=1.0, prompt="Tea is"),
+    p.Cancel(ids=["r1", "r2"]),
+    p.Step([p.Output("r1", "Hel"), p.Output("r2", "巴黎 🇫🇷", [LOGPROB]),
+            p.Output("r3", "", finish="stop", usage=p.Usage(12, 3))]),
+    p.Error("r1", p.ErrorCode.MODEL_NOT_FOUND, "no such model"),
+    p.Disconnect("shutdown"),
+    p.Disconnect("drain", drain=True),
+    p.Status(token="t"),
+    p.Status(token="t", report=p.StatusReport("random", [p.WorkerStatus(
+        "w1", ["m"], "h", "cpu", 4, 3, 10, 9, False, 0.5)], {"m": p.ModelStatus(1, 4, 3, 0)})),
+]
 
-@pytest.mark.parametrize("command,body", [
-    (p.READY, {"worker_id": "w1", "models": ["m"], "slots": 4, "host": "h", "device": "cpu", "pid": 1}),
-    (p.HEARTBEAT, {}),
-    (p.SUBMIT, {"id": "r1", "model": "m", "timeout": 30.0, "messages": [{"role": "user", "content": "hi"}],
-                "params": {"max_tokens": 5, "stop": ["\n"]}}),
-    (p.CANCEL, {"ids": ["r1", "r2"]}),
-    (p.CHUNK, [["r1", "Hel"], ["r2", "巴黎 🇫🇷"]]),
-    (p.DONE, [["r1", "lo", "stop", 12, 3]]),
-    (p.ERROR, p.error_body("r1", 404, "model_not_found", "no such model")),
-    (p.DISCONNECT, {"reason": "shutdown"}),
-    (p.STATUS, {"token": "t"}),
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(message):
+    frames = p.encode(message)
+    assert frames[0] == p.PROTOCOL and p.COMMANDS[frames[1]] is type(message)
+    assert p.decode(frames) == message
+
+
+def test_every_message_type_has_an_example_and_its_own_command():
+    assert {type(m) for m in EXAMPLES} == set(p.COMMANDS.values())
+    assert len(p.COMMANDS) == len(set(p.COMMANDS.values()))
+
+
+def frames_of(kind: type, body) -> list[bytes]:
+    command = next(c for c, k in p.COMMANDS.items() if k is kind)
+    return [p.PROTOCOL, command, msgspec.msgpack.encode(body)]
+
+
+def as_builtins(message) -> dict:
+    return msgspec.to_builtins(message)
+
+
+MAP_MESSAGES = [m for m in EXAMPLES if isinstance(m, p.Wire) and msgspec.structs.fields(m)]
+
+
+@pytest.mark.parametrize("message", MAP_MESSAGES, ids=lambda m: type(m).__name__)
+def test_a_missing_required_field_is_refused(message):
+    required = [f.encode_name for f in msgspec.structs.fields(message) if f.required]
+    for name in required:
+        body = as_builtins(message)
+        del body[name]
+        with pytest.raises(p.ProtocolError, match=f"missing required field `{name}`"):
+            p.decode(frames_of(type(message), body))
+
+
+@pytest.mark.parametrize("message", MAP_MESSAGES, ids=lambda m: type(m).__name__)
+def test_a_mistyped_field_is_refused(message):
+    for field in msgspec.structs.fields(message):
+        body = {**as_builtins(message), field.encode_name: {"not": ["the", "right", "type"]}}
+        with pytest.raises(p.ProtocolError, match=f"`\\$.{field.encode_name}`"):
+            p.decode(frames_of(type(message), body))
+
+
+def test_an_unknown_field_is_refused():
+    with pytest.raises(p.ProtocolError, match="unknown field `colour`"):
+        p.decode(frames_of(p.Cancel, {"ids": [], "colour": "red"}))
+
+
+SUBMIT = as_builtins(EXAMPLES[3])
+
+
+@pytest.mark.parametrize("change,where", [
+    ({"timeout": float("nan")}, "timeout"),
+    ({"timeout": 0}, "timeout"),
+    ({"timeout": p.MAX_TIMEOUT + 1}, "timeout"),
+    ({"id": ""}, "id"),
+    ({"model": "m" * (p.MAX_NAME + 1)}, "model"),
+    ({"messages": []}, "messages"),
+    ({"messages": None}, "either messages or a prompt"),
+    ({"prompt": "both"}, "either messages or a prompt"),
+    ({"params": {"temperature": 2.5}}, "params.temperature"),
+    ({"params": {"temperature": float("nan")}}, "params.temperature"),
+    ({"params": {"top_p": 0.0}}, "params.top_p"),
+    ({"params": {"max_tokens": 0}}, "params.max_tokens"),
+    ({"params": {"presence_penalty": -2.5}}, "params.presence_penalty"),
+    ({"params": {"seed": 2**63}}, "params.seed"),
+    ({"params": {"stop": ["x"] * (p.MAX_STOP_STRINGS + 1)}}, "params.stop"),
+    ({"params": {"stop": [""]}}, "params.stop"),
+    ({"params": {"logprobs": p.MAX_TOP_LOGPROBS + 1}}, "params.logprobs"),
+    ({"params": {"top_k": -1}}, "params.top_k"),
 ])
-def test_every_message_round_trips(command, body):
-    frames = p.encode(command, body)
-    assert frames[0] == p.PROTOCOL and frames[1] == command
-    assert p.decode(frames) == (command, body)
+def test_a_submit_out_of_range_is_refused(change, where):
+    with pytest.raises(p.ProtocolError, match=where):
+        p.decode(frames_of(p.Submit, {**SUBMIT, **change}))
+
+
+@pytest.mark.parametrize("body,where", [
+    ({"worker_id": "w", "models": [], "slots": 1}, "models"),
+    ({"worker_id": "w", "models": ["m"] * (p.MAX_MODELS + 1), "slots": 1}, "models"),
+    ({"worker_id": "w", "models": ["m"], "slots": 0}, "slots"),
+    ({"worker_id": "w", "models": ["m"], "slots": p.MAX_SLOTS + 1}, "slots"),
+    ({"worker_id": "w", "models": ["x" * (p.MAX_NAME + 1)], "slots": 1}, "models"),
+])
+def test_a_ready_beyond_the_caps_is_refused(body, where):
+    with pytest.raises(p.ProtocolError, match=where):
+        p.decode(frames_of(p.Ready, body))
+
+
+@pytest.mark.parametrize("outputs,reason", [
+    ([[]], "at least length 1"),
+    ([["r1", "x", None, "stop"]], "usage"),
+    ([["r1", "x", None, None, [1, 1]]], "usage"),
+    ([["r1", "x", None, "exploded", [1, 1]]], "Invalid enum value .exploded."),
+    ([], "length >= 1"),
+])
+def test_a_malformed_step_is_refused(outputs, reason):
+    with pytest.raises(p.ProtocolError, match=reason):
+        p.decode(frames_of(p.Step, {"outputs": outputs}))
+
+
+def test_an_error_carries_a_code_not_a_status():
+    with pytest.raises(p.ProtocolError, match="code"):
+        p.decode(frames_of(p.Error, {"id": "r1", "code": 404, "message": "x"}))
 
 
 @pytest.mark.parametrize("frames,reason", [
-    ([p.PROTOCOL, p.HEARTBEAT], "expected 3 frames"),
-    ([b"ZMQCHAT/0", p.HEARTBEAT, msgpack.packb({})], "version"),
-    ([b"HTTP/1.1", p.HEARTBEAT, msgpack.packb({})], "version"),
-    ([p.PROTOCOL, b"\x7f", msgpack.packb({})], "unknown command"),
-    ([p.PROTOCOL, p.SUBMIT, b"\xc1garbage"], "not msgpack"),
-    ([p.PROTOCOL, p.SUBMIT, msgpack.packb([1, 2])], "must be a dict"),
-    ([p.PROTOCOL, p.CHUNK, msgpack.packb({"a": 1})], "must be a list"),
-    ([p.PROTOCOL, p.SUBMIT, msgpack.packb({1: 2})[:-1]], "not msgpack"),
+    ([p.PROTOCOL, b"\x02"], "expected 3 frames"),
+    ([b"ZMQCHAT/1", b"\x02", msgspec.msgpack.encode({})], "version"),
+    ([b"HTTP/1.1", b"\x02", msgspec.msgpack.encode({})], "version"),
+    ([p.PROTOCOL, b"\x7f", msgspec.msgpack.encode({})], "unknown command"),
+    ([p.PROTOCOL, b"\x03", b"\xc1garbage"], "Submit"),
+    ([p.PROTOCOL, b"\x03", msgspec.msgpack.encode([1, 2])], "Expected `object`"),
+    ([p.PROTOCOL, b"\x03", b"\x81"], "truncated"),
 ])
 def test_bad_frames_are_refused_with_a_reason(frames, reason):
     with pytest.raises(p.ProtocolError, match=reason):
         p.decode(frames)
 
 
-def test_command_bytes_are_unique():
-    assert len(set(p.COMMAND_NAMES)) == len(p.COMMAND_NAMES) == 9
+def test_text_utf8_cannot_carry_is_refused_when_encoding():
+    with pytest.raises(p.ProtocolError, match="not valid Unicode"):
+        p.encode(p.Submit(id="r1", model="m", timeout=1.0, prompt="\ud800 x"))
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=30,
+)
+
+
+def near_valid_bodies() -> st.SearchStrategy:
+    """Real messages with one field replaced by anything: closer to the checks than noise."""
+    def mutate(message, data):
+        body = as_builtins(message)
+        if isinstance(body, dict) and body:
+            body[data.draw(st.sampled_from(sorted(body)))] = data.draw(msgpack_values)
+        return type(message), body
+    return st.builds(mutate, st.sampled_from(EXAMPLES), st.data())
+
+
+@settings(max_examples=500, deadline=None)
+@given(command=st.sampled_from(sorted(p.COMMANDS)) | st.binary(max_size=2), body=msgpack_values,
+       raw=st.binary(max_size=64), near=near_valid_bodies())
+def test_decode_of_anything_is_a_message_or_a_protocol_error(command, body, raw, near):
+    kind, near_body = near
+    for frames in ([p.PROTOCOL, command, msgspec.msgpack.encode(body)], [p.PROTOCOL, command, raw],
+                   frames_of(kind, near_body)):
+        try:
+            message = p.decode(frames)
+        except p.ProtocolError:
+            continue
+        assert isinstance(message, tuple(p.COMMANDS.values()))
+        assert p.decode(p.encode(message)) == message

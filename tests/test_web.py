@@ -12,6 +12,8 @@ from conftest import ARTIFACTS, Cluster, free_port, wait_for
 
 from zmqchat.models import DEFAULT_MODEL_NAME
 
+pytestmark = pytest.mark.model  # every test here runs the real default model
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 UI_TIMEOUT = 120  # seconds for the page to show what the model says, on a small CPU
 

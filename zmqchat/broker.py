@@ -2,16 +2,18 @@
 
 Frontends SUBMIT jobs; the broker queues each one under its model (bounded) and hands it to
 a worker with a free slot, chosen by the dispatch policy. The broker counts every worker's
-free slots itself (a slot is taken on dispatch and given back on the job's DONE or ERROR), so
-it only sends work a worker can start now. CHUNK and DONE messages from workers are split by
-frontend and routed to whoever submitted each job.
+free slots itself (a slot is taken on dispatch and given back when the job's finished output
+or its ERROR comes), so it only sends work a worker can start now. Each STEP from a worker is
+split by frontend and routed to whoever submitted each job.
 
 Workers and broker heartbeat each other. A worker silent for HEARTBEAT_LIVENESS intervals is
 removed: its jobs that have sent no output yet go back to the front of the queue, the others
-end with an error to their client. Queued jobs past their deadline end with a 504 error.
+end with an error to their client. Queued jobs past their deadline end with a timeout error.
+A model is forgotten once no worker serves it and nothing waits for it.
 
 The loop is the Majordomo broker's `mediate()`: receive, handle by command, purge the dead,
-send heartbeats. Everything runs on one thread; nothing a peer sends can raise out of it.
+send heartbeats. Everything runs on one thread; every message is checked on decode (protocol.py)
+and one method handles each command, so nothing a peer sends can raise out of the loop.
 """
 
 from __future__ import annotations
@@ -26,28 +28,14 @@ from dataclasses import dataclass, field
 import zmq
 
 from zmqchat import protocol as p
-from zmqchat.curve import Curve, secure_server
+from zmqchat.config import FRONTEND_LIVENESS, BrokerConfig
+from zmqchat.curve import secure_server
 from zmqchat.policy import make_policy
+from zmqchat.protocol import ErrorCode
 
 log = logging.getLogger("zmqchat.broker")
 
-HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats, both ways
-HEARTBEAT_LIVENESS = 3  # intervals of silence after which a peer is dead
-FRONTEND_LIVENESS = 10  # intervals of silence after which a frontend's jobs are cancelled
-MAX_QUEUE = 1024  # jobs waiting per model before new ones are refused
-MAX_TIMEOUT = 3600.0  # longest deadline a request may ask for, in seconds
 DRAIN_BATCH = 256  # messages read from one socket before looking at the other
-
-
-@dataclass
-class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://127.0.0.1:5556"
-    policy: str = "shortest-queue"
-    max_queue: int = MAX_QUEUE
-    heartbeat_interval: float = HEARTBEAT_INTERVAL
-    heartbeat_liveness: int = HEARTBEAT_LIVENESS
-    curve: Curve | None = None
 
 
 @dataclass(eq=False)
@@ -88,6 +76,11 @@ class Broker:
         self.jobs: dict[str, Job] = {}  # every job the broker is responsible for
         self.queues: dict[str, OrderedDict[str, Job]] = defaultdict(OrderedDict)  # not yet dispatched
         self.frontends: dict[bytes, float] = {}  # identity -> when it counts as gone
+        # One method per command, as the Majordomo broker has; READY comes before a worker is known.
+        self.frontend_handlers = {p.Submit: self.submit, p.Cancel: self.cancel,
+                                  p.Heartbeat: self.frontend_heartbeat, p.Status: self.status_query}
+        self.worker_handlers = {p.Step: self.worker_step, p.Error: self.worker_error,
+                                p.Disconnect: self.worker_disconnect, p.Heartbeat: lambda worker, beat: None}
         self.running = True
         # Told to frontends in every HEARTBEAT: a new id means a restarted broker, which
         # knows nothing of the jobs they had in flight.
@@ -118,9 +111,9 @@ class Broker:
             timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
             if self.frontend in events:
-                self._read_all(self.frontend, self.process_frontend)
+                self._read_all(self.frontend, self.process_frontend, self.frontend_handlers)
             if self.backend in events:
-                self._read_all(self.backend, self.process_worker)
+                self._read_all(self.backend, self.process_worker, {p.Ready, *self.worker_handlers})
             now = time.monotonic()
             if now >= next_beat:
                 self.purge_workers(now)
@@ -139,106 +132,98 @@ class Broker:
         if self.authenticator is not None:
             self.authenticator.stop()
 
-    def _read_all(self, socket: zmq.Socket, handle) -> None:
+    def _read_all(self, socket: zmq.Socket, process, accepted) -> None:
         for _ in range(DRAIN_BATCH):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                identity, *frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            identity, rest = frames[0], frames[1:]
             try:
-                command, body = p.decode(rest)
-                handle(identity, command, body)
+                message = p.decode(frames)
             except p.ProtocolError as exc:
                 log.warning("dropped a bad message from %s: %s", identity.hex(), exc)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                log.warning("dropped a malformed %s from %s: %r",
-                            p.COMMAND_NAMES.get(rest[1] if len(rest) > 1 else b"", "message"),
-                            identity.hex(), exc)
+                continue
+            if type(message) not in accepted:
+                log.warning("dropped %s from %s: not expected there", type(message).__name__, identity.hex())
+                continue
+            try:
+                process(identity, message)
+            except Exception:  # a bug, not a peer's fault (messages are checked): keep serving
+                log.exception("failed to handle %s from %s", type(message).__name__, identity.hex())
 
-    def _send_frontend(self, identity: bytes, command: bytes, body) -> None:
-        self.frontend.send_multipart([identity, *p.encode(command, body)])
+    def _send_frontend(self, identity: bytes, message: p.Message) -> None:
+        self.frontend.send_multipart([identity, *p.encode(message)])
 
-    def _send_worker(self, worker: Worker, command: bytes, body) -> None:
-        self.backend.send_multipart([worker.identity, *p.encode(command, body)])
+    def _send_worker(self, worker: Worker, message: p.Message) -> None:
+        self.backend.send_multipart([worker.identity, *p.encode(message)])
 
-    def _fail(self, job: Job, status: int, type_: str, message: str) -> None:
-        log.info("request %s failed (%d): %s", job.id, status, message)
-        self._send_frontend(job.frontend, p.ERROR, p.error_body(job.id, status, type_, message))
+    def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
+        log.info("request %s failed (%s): %s", job.id, code.value, message)
+        self._send_frontend(job.frontend, p.Error(job.id, code, message))
 
     # -- frontends ----------------------------------------------------------------------------
 
-    def process_frontend(self, identity: bytes, command: bytes, body) -> None:
+    def process_frontend(self, identity: bytes, message: p.Message) -> None:
         self.frontends[identity] = time.monotonic() + self.config.heartbeat_interval * FRONTEND_LIVENESS
-        if command == p.SUBMIT:
-            self.submit(identity, body)
-        elif command == p.CANCEL:
-            self.cancel(identity, body["ids"])
-        elif command == p.HEARTBEAT:
-            self._send_frontend(identity, p.HEARTBEAT, {"broker_id": self.broker_id})
-        elif command == p.STATUS:
-            self._send_frontend(identity, p.STATUS, {"token": body.get("token"), **self.status()})
-        else:
-            log.warning("dropped %s from frontend %s", p.COMMAND_NAMES[command], identity.hex())
+        self.frontend_handlers[type(message)](identity, message)
 
-    def submit(self, frontend: bytes, body: dict) -> None:
-        job_id, model, timeout = body["id"], body["model"], float(body["timeout"])
-        if not isinstance(job_id, str) or not isinstance(model, str):
-            raise TypeError("SUBMIT id and model must be strings")
-        job = Job(job_id, frontend, model, p.encode(p.SUBMIT, body),
-                  time.monotonic() + min(max(timeout, 0.0), MAX_TIMEOUT))
-        if job_id in self.jobs:
-            return self._fail(job, 400, "invalid_request_error", f"request id {job_id} is already in use")
-        if not self.serving.get(model):
+    def frontend_heartbeat(self, identity: bytes, _: p.Heartbeat) -> None:
+        self._send_frontend(identity, p.Heartbeat(self.broker_id))
+
+    def status_query(self, identity: bytes, query: p.Status) -> None:
+        self._send_frontend(identity, p.Status(query.token, self.status()))
+
+    def submit(self, frontend: bytes, submit: p.Submit) -> None:
+        job = Job(submit.id, frontend, submit.model, p.encode(submit), time.monotonic() + submit.timeout)
+        if job.id in self.jobs:
+            return self._fail(job, ErrorCode.INVALID_REQUEST, f"request id {job.id} is already in use")
+        if not self.serving.get(job.model):
             if self.workers:
-                served = ", ".join(sorted(m for m, ws in self.serving.items() if ws))
-                return self._fail(job, 404, "model_not_found",
-                                  f"The model '{model}' does not exist. Served models: {served}")
-            return self._fail(job, 503, "no_worker", "no worker is connected to the broker")
-        queue = self.queues[model]
+                served = ", ".join(sorted(self.serving))
+                return self._fail(job, ErrorCode.MODEL_NOT_FOUND,
+                                  f"The model '{job.model}' does not exist. Served models: {served}")
+            return self._fail(job, ErrorCode.NO_WORKER, "no worker is connected to the broker")
+        queue = self.queues[job.model]
         if len(queue) >= self.config.max_queue:
-            return self._fail(job, 503, "overloaded",
-                              f"the queue for model '{model}' is full ({len(queue)} waiting)")
-        self.jobs[job_id] = job
-        queue[job_id] = job
-        log.debug("request %s: queued for %s (%d waiting)", job_id, model, len(queue))
-        self.dispatch(model)
+            return self._fail(job, ErrorCode.OVERLOADED,
+                              f"the queue for model '{job.model}' is full ({len(queue)} waiting)")
+        self.jobs[job.id] = job
+        queue[job.id] = job
+        log.debug("request %s: queued for %s (%d waiting)", job.id, job.model, len(queue))
+        self.dispatch(job.model)
 
-    def cancel(self, frontend: bytes, ids: list[str]) -> None:
-        for job_id in ids:
+    def cancel(self, frontend: bytes, cancel: p.Cancel) -> None:
+        for job_id in cancel.ids:
             job = self.jobs.get(job_id)
             if job is None or job.frontend != frontend or job.cancelled:
                 continue
             log.info("request %s: cancelled by its frontend", job_id)
             if job.worker is None:
-                del self.queues[job.model][job_id]
-                del self.jobs[job_id]
+                self._unqueue(job)
             else:
                 # The slot stays taken until the worker confirms the sequence is gone.
                 job.cancelled = True
-                self._send_worker(job.worker, p.CANCEL, {"ids": [job_id]})
+                self._send_worker(job.worker, p.Cancel([job_id]))
 
-    def status(self) -> dict:
+    def status(self) -> p.StatusReport:
         now = time.monotonic()
-        workers = [{
-            "worker_id": w.worker_id, "models": w.models, "host": w.host, "device": w.device,
-            "slots": w.slots, "free": w.free, "dispatched": w.dispatched, "done": w.done, "draining": w.draining,
-            "last_heard": round(self.liveness - (w.expires - now), 3),
-        } for w in self.workers.values()]
-        models = {}
-        for model, ws in self.serving.items():
-            if ws:
-                models[model] = {"workers": len(ws), "slots": sum(w.slots for w in ws),
-                                 "free": sum(w.free for w in ws), "queued": len(self.queues[model])}
-        return {"policy": self.policy.name, "workers": workers, "models": models}
+        workers = [p.WorkerStatus(
+            worker_id=w.worker_id, models=w.models, host=w.host, device=w.device, slots=w.slots, free=w.free,
+            dispatched=w.dispatched, done=w.done, draining=w.draining,
+            last_heard=round(self.liveness - (w.expires - now), 3),
+        ) for w in self.workers.values()]
+        models = {model: p.ModelStatus(workers=len(ws), slots=sum(w.slots for w in ws),
+                                       free=sum(w.free for w in ws), queued=len(self.queues.get(model, ())))
+                  for model, ws in self.serving.items()}
+        return p.StatusReport(self.policy.name, workers, models)
 
     # -- dispatch -----------------------------------------------------------------------------
 
     def dispatch(self, model: str) -> None:
         """Hand queued jobs of `model` to workers while any has a free slot."""
-        queue = self.queues[model]
+        queue = self.queues.get(model)
         while queue:
-            candidates = [w for w in self.serving[model] if w.free > 0 and not w.draining]
+            candidates = [w for w in self.serving.get(model, ()) if w.free > 0 and not w.draining]
             if not candidates:
                 return
             _, job = queue.popitem(last=False)
@@ -258,55 +243,61 @@ class Broker:
         worker.jobs.discard(job.id)
         del self.jobs[job.id]
 
+    def _unqueue(self, job: Job) -> None:
+        """Forget a job that was never dispatched, and its model's queue once it is empty
+        and no worker serves the model (a peer must not grow the broker's memory by naming models)."""
+        queue = self.queues[job.model]
+        del queue[job.id]
+        del self.jobs[job.id]
+        self._forget_model_if_unused(job.model)
+
+    def _forget_model_if_unused(self, model: str) -> None:
+        if not self.queues.get(model) and not self.serving.get(model):
+            self.queues.pop(model, None)
+            self.serving.pop(model, None)
+
     # -- workers ------------------------------------------------------------------------------
 
-    def process_worker(self, identity: bytes, command: bytes, body) -> None:
-        if command == p.READY:
-            return self.worker_ready(identity, body)
+    def process_worker(self, identity: bytes, message: p.Message) -> None:
+        if isinstance(message, p.Ready):
+            return self.worker_ready(identity, message)
         worker = self.workers.get(identity)
         if worker is None:
             # A worker we do not know (we restarted, or purged it): make it announce itself.
-            self.backend.send_multipart([identity, *p.encode(p.DISCONNECT, {"reason": "unknown worker"})])
+            self.backend.send_multipart([identity, *p.encode(p.Disconnect("unknown worker"))])
             return
         worker.expires = time.monotonic() + self.liveness
-        if command == p.CHUNK:
-            self.route_outputs(worker, p.CHUNK, body, finished=False)
-        elif command == p.DONE:
-            self.route_outputs(worker, p.DONE, body, finished=True)
-        elif command == p.ERROR:
-            self.job_failed(worker, body)
-        elif command == p.DISCONNECT and body.get("drain"):
-            worker.draining = True
-            log.info("worker %s is draining: it finishes %d jobs and gets no new ones",
-                     worker.worker_id, len(worker.jobs))
-        elif command == p.DISCONNECT:
-            self.remove_worker(worker, str(body.get("reason", "disconnect")))
-        elif command != p.HEARTBEAT:
-            log.warning("dropped %s from worker %s", p.COMMAND_NAMES[command], worker.worker_id)
+        self.worker_handlers[type(message)](worker, message)
 
-    def worker_ready(self, identity: bytes, body: dict) -> None:
-        models, slots = body["models"], int(body["slots"])
-        if not models or not all(isinstance(m, str) for m in models) or slots < 1:
-            raise ValueError(f"READY needs models and slots, got {models!r} and {slots}")
+    def worker_ready(self, identity: bytes, ready: p.Ready) -> None:
         old = self.workers.get(identity)
         if old is not None:
             self.remove_worker(old, "announced itself again")
-        worker = Worker(identity, str(body.get("worker_id", identity.hex())), list(models), slots,
-                        slots, str(body.get("host", "")), str(body.get("device", "")),
+        models = list(dict.fromkeys(ready.models))  # a model named twice is served once
+        worker = Worker(identity, ready.worker_id, models, ready.slots, ready.slots, ready.host, ready.device,
                         time.monotonic() + self.liveness)
         self.workers[identity] = worker
-        for model in worker.models:
+        for model in models:
             self.serving[model].append(worker)
             self.serving[model].sort(key=lambda w: w.worker_id)
         log.info("worker %s joined: models %s, %d slots, %s on %s",
-                 worker.worker_id, worker.models, slots, worker.device, worker.host)
-        for model in worker.models:
+                 worker.worker_id, models, worker.slots, worker.device, worker.host)
+        for model in models:
             self.dispatch(model)
+
+    def worker_disconnect(self, worker: Worker, disconnect: p.Disconnect) -> None:
+        if not disconnect.drain:
+            return self.remove_worker(worker, disconnect.reason or "disconnect")
+        worker.draining = True
+        log.info("worker %s is draining: it finishes %d jobs and gets no new ones",
+                 worker.worker_id, len(worker.jobs))
 
     def remove_worker(self, worker: Worker, reason: str) -> None:
         del self.workers[worker.identity]
         for model in worker.models:
             self.serving[model].remove(worker)
+            if not self.serving[model]:
+                del self.serving[model]
         requeued = 0
         for job_id in worker.jobs:
             job = self.jobs[job_id]
@@ -321,39 +312,42 @@ class Broker:
                 requeued += 1
             else:
                 del self.jobs[job_id]
-                self._fail(job, 502, "worker_lost",
-                           f"the worker generating this response was lost ({reason})")
+                self._fail(job, ErrorCode.WORKER_LOST, f"the worker generating this response was lost ({reason})")
         log.info("worker %s left (%s); %d jobs requeued", worker.worker_id, reason, requeued)
         for model in worker.models:
             self.dispatch(model)
+            self._forget_model_if_unused(model)
 
-    def route_outputs(self, worker: Worker, command: bytes, entries: list, finished: bool) -> None:
-        """Send each entry [id, text, ...] to the frontend of its job, one message per frontend."""
-        by_frontend: dict[bytes, list] = {}
-        for entry in entries:
-            job = self.jobs.get(entry[0])
+    def worker_step(self, worker: Worker, step: p.Step) -> None:
+        """Send each output to the frontend of its job, one STEP per frontend; a finished
+        output frees its job's slot."""
+        by_frontend: dict[bytes, list[p.Output]] = {}
+        freed = False
+        for output in step.outputs:
+            job = self.jobs.get(output.id)
             if job is None or job.worker is not worker:
                 continue  # stale: the job was failed, cancelled or requeued elsewhere
-            if finished:
+            if output.finish is not None:
                 log.debug("request %s: done", job.id)
                 self.release(job)
+                freed = True
             else:
                 job.started = True
             if not job.cancelled:
-                by_frontend.setdefault(job.frontend, []).append(entry)
-        for frontend, items in by_frontend.items():
-            self._send_frontend(frontend, command, items)
-        if finished:
+                by_frontend.setdefault(job.frontend, []).append(output)
+        for frontend, outputs in by_frontend.items():
+            self._send_frontend(frontend, p.Step(outputs))
+        if freed:
             for model in worker.models:
                 self.dispatch(model)
 
-    def job_failed(self, worker: Worker, body: dict) -> None:
-        job = self.jobs.get(body["id"])
+    def worker_error(self, worker: Worker, error: p.Error) -> None:
+        job = self.jobs.get(error.id)
         if job is None or job.worker is not worker:
             return
         self.release(job)
         if not job.cancelled:
-            self._send_frontend(job.frontend, p.ERROR, body)
+            self._send_frontend(job.frontend, error)
         for model in worker.models:
             self.dispatch(model)
 
@@ -371,18 +365,17 @@ class Broker:
             orphans = [job_id for job_id, job in self.jobs.items() if job.frontend == identity]
             if orphans:
                 log.info("frontend %s went silent; cancelling its %d jobs", identity.hex(), len(orphans))
-                self.cancel(identity, orphans)
+                self.cancel(identity, p.Cancel(orphans))
 
     def expire_queued(self, now: float) -> None:
-        for model, queue in self.queues.items():
+        for model, queue in list(self.queues.items()):
             for job in [j for j in queue.values() if j.expires < now]:
-                del queue[job.id]
-                del self.jobs[job.id]
-                self._fail(job, 504, "timeout", f"no worker for model '{model}' became free before the deadline")
+                self._unqueue(job)
+                self._fail(job, ErrorCode.TIMEOUT, f"no worker for model '{model}' became free before the deadline")
 
     def send_heartbeats(self) -> None:
         for worker in self.workers.values():
-            self._send_worker(worker, p.HEARTBEAT, {})
+            self._send_worker(worker, p.Heartbeat())
 
 
 def run(config: BrokerConfig) -> None:

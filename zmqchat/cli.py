@@ -7,38 +7,37 @@ ZMQCHAT_WORKER_BROKER=tcp://10.0.0.1:5556 (shown in each command's --help).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from zmqchat.broker import MAX_QUEUE, BrokerConfig
+from zmqchat import config as c
+from zmqchat.config import APIConfig, BrokerConfig, ServeConfig, WorkerConfig
 from zmqchat.curve import from_folder
-from zmqchat.engine import DEFAULT_SLOTS
 from zmqchat.policy import POLICIES
+from zmqchat.protocol import MAX_TIMEOUT
 
-FRONTEND = "tcp://127.0.0.1:5555"
-BACKEND = "tcp://127.0.0.1:5556"
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
-policy_option = click.option("--policy", type=click.Choice(list(POLICIES)), default="shortest-queue",
+policy_option = click.option("--policy", type=click.Choice(list(POLICIES)), default=c.POLICY,
                              show_default=True, help="How the broker picks a worker for each job.")
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (all GPUs through accelerate, else CPU), cpu, cuda, cuda:N.")
 dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
                             default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
-max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=DEFAULT_SLOTS,
+max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=c.SLOTS,
                                 show_default=True, help="Sequences a worker runs at once (its slots).")
 max_tokens_option = click.option("--max-tokens-in-flight", type=click.IntRange(16), default=None,
                                  help="KV-cache tokens a worker may hold [default: half its free memory].")
 model_name_option = click.option("--model-name", help="Name clients use for the model [default: the folder's name].")
 fake_option = click.option("--fake", is_flag=True, help="Serve a fake engine that echoes the user (tests, benchmarks).")
-fake_delay_option = click.option("--fake-delay", type=float, default=0.02, show_default=True,
+fake_delay_option = click.option("--fake-delay", type=float, default=c.FAKE_DELAY, show_default=True,
                                  help="Seconds per step of the fake engine.")
 drain_option = click.option("--drain-timeout", type=click.FloatRange(0), default=None,
-                            help="Seconds work in flight gets to finish after SIGTERM [worker 60, api 30].")
+                            help="Seconds work in flight gets to finish after SIGTERM "
+                            f"[worker {c.WORKER_DRAIN_TIMEOUT:.0f}, api {c.API_DRAIN_TIMEOUT:.0f}].")
 curve_option = click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                             help="Turn CURVE on with the keys in this folder (see `zmqchat keys`) [default: off].")
 
@@ -48,11 +47,11 @@ def curve_name_option(default: str):
 
 
 def set_log_level(ctx: click.Context, param, value: str) -> str:
-    logging.basicConfig(level=value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    c.configure_logging(value)
     return value.lower()
 
 
-log_level_option = click.option("--log-level", type=LOG_LEVELS, default="info", callback=set_log_level,
+log_level_option = click.option("--log-level", type=LOG_LEVELS, default=c.LOG_LEVEL, callback=set_log_level,
                                 is_eager=True, help="Least severe log level printed.")
 api_key_option = click.option("--api-key", "api_keys", multiple=True,
                               help="Require this Bearer key on /v1 routes (repeatable).")
@@ -80,10 +79,10 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--frontend", default=FRONTEND, help="Address API frontends connect to.")
-@click.option("--backend", default=BACKEND, help="Address workers connect to.")
+@click.option("--frontend", default=c.FRONTEND, help="Address API frontends connect to.")
+@click.option("--backend", default=c.BACKEND, help="Address workers connect to.")
 @policy_option
-@click.option("--max-queue", type=click.IntRange(1), default=MAX_QUEUE, help="Jobs waiting per model before 503.")
+@click.option("--max-queue", type=click.IntRange(1), default=c.MAX_QUEUE, help="Jobs waiting per model before 503.")
 @curve_option
 @log_level_option
 def broker(frontend: str, backend: str, policy: str, max_queue: int, curve_dir, log_level) -> None:
@@ -97,7 +96,7 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int, curve_dir, 
 @main.command()
 @click.argument("model_path", required=False)
 @model_name_option
-@click.option("--broker", default=BACKEND, help="The broker's worker address.")
+@click.option("--broker", default=c.BACKEND, help="The broker's worker address.")
 @device_option
 @dtype_option
 @max_batch_option
@@ -116,20 +115,20 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
     SIGTERM or Ctrl-C drains it (no new jobs, those in flight finish); a second one stops it."""
     from zmqchat import worker as role
 
-    role.run(role.WorkerConfig(
+    role.run(WorkerConfig(
         model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype,
         max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake, fake_delay=fake_delay,
-        drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
+        drain_timeout=c.WORKER_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
         curve=from_folder(curve_dir, curve_name)))
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", help="Interface to listen on.")
-@click.option("--port", type=int, default=8000, help="HTTP port.")
-@click.option("--broker", default=FRONTEND, help="The broker's frontend address.")
+@click.option("--host", default=c.HOST, help="Interface to listen on.")
+@click.option("--port", type=int, default=c.PORT, help="HTTP port.")
+@click.option("--broker", default=c.FRONTEND, help="The broker's frontend address.")
 @api_key_option
 @api_key_file_option
-@click.option("--timeout", "request_timeout", type=click.FloatRange(0.1), default=300.0,
+@click.option("--timeout", "request_timeout", type=click.FloatRange(0.1, MAX_TIMEOUT), default=c.REQUEST_TIMEOUT,
               help="Seconds a request may take before it fails with 504.")
 @drain_option
 @curve_option
@@ -142,20 +141,20 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeo
     SIGTERM stops taking connections and lets open requests finish (--drain-timeout)."""
     from zmqchat import api as role
 
-    role.run(role.APIConfig(host=host, port=port, broker=broker, api_keys=all_api_keys(api_keys, api_key_file),
-                            request_timeout=request_timeout, log_level=log_level,
-                            drain_timeout=role.DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
-                            curve=from_folder(curve_dir, curve_name)))
+    role.run(APIConfig(host=host, port=port, broker=broker, api_keys=all_api_keys(api_keys, api_key_file),
+                       request_timeout=request_timeout, log_level=log_level,
+                       drain_timeout=c.API_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
+                       curve=from_folder(curve_dir, curve_name)))
 
 
 @main.command()
 @click.argument("model_path", required=False)
 @model_name_option
 @click.option("--workers", type=click.IntRange(1), default=1, help="Workers to start, each with its own copy.")
-@click.option("--host", default="127.0.0.1", help="Interface the API listens on.")
-@click.option("--port", type=int, default=8000, help="HTTP port of the API.")
-@click.option("--frontend", default=FRONTEND, help="Broker address for the API.")
-@click.option("--backend", default=BACKEND, help="Broker address for the workers.")
+@click.option("--host", default=c.HOST, help="Interface the API listens on.")
+@click.option("--port", type=int, default=c.PORT, help="HTTP port of the API.")
+@click.option("--frontend", default=c.FRONTEND, help="Broker address for the API.")
+@click.option("--backend", default=c.BACKEND, help="Broker address for the workers.")
 @policy_option
 @device_option
 @dtype_option
@@ -173,15 +172,17 @@ def serve(model_path, model_name, workers, host, port, frontend, backend, policy
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
     from zmqchat import serve as role
 
-    sys.exit(role.run(role.ServeConfig(
-        model_path=model_path, model_name=model_name, workers=workers, host=host, port=port,
-        frontend=frontend, backend=backend, policy=policy, device=device, dtype=dtype,
-        max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, api_keys=all_api_keys(api_keys, api_key_file),
-        fake=fake, fake_delay=fake_delay, curve_dir=curve_dir, log_level=log_level)))
+    sys.exit(role.run(ServeConfig(
+        broker=BrokerConfig(frontend=frontend, backend=backend, policy=policy),
+        worker=WorkerConfig(model_path=model_path, model_name=model_name, device=device, dtype=dtype,
+                            max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake,
+                            fake_delay=fake_delay),
+        api=APIConfig(host=host, port=port, api_keys=all_api_keys(api_keys, api_key_file)),
+        workers=workers, curve_dir=curve_dir, log_level=log_level)))
 
 
 @main.command()
-@click.option("--broker", default=FRONTEND, help="The broker's frontend address.")
+@click.option("--broker", default=c.FRONTEND, help="The broker's frontend address.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 @click.option("--watch", type=float, default=None, help="Refresh every this many seconds.")
 @curve_option
@@ -189,6 +190,8 @@ def serve(model_path, model_name, workers, host, port, frontend, backend, policy
 @log_level_option
 def status(broker: str, as_json: bool, watch: float | None, curve_dir, curve_name, log_level) -> None:
     """Show workers, models, free slots and queue depth."""
+    import msgspec
+
     from zmqchat.client import BrokerError, fetch_status
 
     curve = from_folder(curve_dir, curve_name)
@@ -197,25 +200,25 @@ def status(broker: str, as_json: bool, watch: float | None, curve_dir, curve_nam
             report = fetch_status(broker, curve=curve)
         except BrokerError as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+        click.echo(json.dumps(msgspec.to_builtins(report), indent=2) if as_json else format_status(report))
         if not watch:
             return
         time.sleep(watch)
         click.clear()
 
 
-def format_status(report: dict) -> str:
+def format_status(report) -> str:
     rows = [("WORKER", "MODELS", "DEVICE", "BUSY", "FREE", "DONE", "HEARD")]
-    for w in report["workers"]:
-        rows.append((w["worker_id"], ",".join(w["models"]), w["device"], str(w["slots"] - w["free"]),
-                     str(w["free"]), str(w["done"]), f"{w['last_heard']:.1f}s ago"))
+    for w in report.workers:
+        rows.append((w.worker_id, ",".join(w.models), w.device, str(w.slots - w.free),
+                     str(w.free), str(w.done), f"{w.last_heard:.1f}s ago"))
     rows.append(("", "", "", "", "", "", ""))
     rows.append(("MODEL", "WORKERS", "SLOTS", "FREE", "QUEUED", "", ""))
-    for name, m in sorted(report["models"].items()):
-        rows.append((name, str(m["workers"]), str(m["slots"]), str(m["free"]), str(m["queued"]), "", ""))
+    for name, m in sorted(report.models.items()):
+        rows.append((name, str(m.workers), str(m.slots), str(m.free), str(m.queued), "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return f"policy: {report['policy']}\n" + "\n".join(lines)
+    return f"policy: {report.policy}\n" + "\n".join(lines)
 
 
 @main.command()

@@ -2,13 +2,13 @@
 
 `submit()` sends one SUBMIT per choice of a request (n choices, or one per prompt of a
 completion) and returns one Stream for them all; one reader task receives everything the
-broker sends and puts each CHUNK, DONE or ERROR entry on its request's stream, marked with
-its choice's index, so that the choices arrive interleaved as they are generated.
-`status()` asks the broker for its STATUS. A heartbeat task pings the broker; while it is
-silent for HEARTBEAT_LIVENESS intervals the client counts it as down: new requests fail at
-once and requests in flight end with an error instead of waiting for their deadline. The
-broker's id, in each heartbeat reply, tells a restarted broker from the one the requests
-in flight went to: they end with the same error.
+broker sends and puts each STEP output and ERROR on its request's stream, marked with its
+choice's index, so that the choices arrive interleaved as they are generated. `status()`
+asks the broker for its STATUS. A heartbeat task pings the broker; while it is silent for
+HEARTBEAT_LIVENESS intervals the client counts it as down: new requests fail at once and
+requests in flight end with an error instead of waiting for their deadline. The broker's
+id, in each heartbeat reply, tells a restarted broker from the one the requests in flight
+went to: they end with the same error.
 """
 
 from __future__ import annotations
@@ -23,37 +23,39 @@ import zmq
 import zmq.asyncio
 
 from zmqchat import protocol as p
-from zmqchat.broker import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from zmqchat.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from zmqchat.curve import Curve, secure_client
+from zmqchat.protocol import ErrorCode
 
 log = logging.getLogger("zmqchat.client")
 
 
 class BrokerError(Exception):
-    """A request that ended without an answer: `status` is the HTTP status it maps to."""
+    """A request that ended without an answer, with the code that says why."""
 
-    def __init__(self, status: int, type_: str, message: str):
+    def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
-        self.status = status
-        self.type = type_
+        self.code = code
         self.message = message
 
 
 @dataclass
 class Event:
-    kind: str  # "chunk", "done" or "error"
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    """One choice's output of one engine step (its last has `output.finish` set), or the
+    error that ends the request."""
+
+    index: int  # the choice it belongs to
+    output: p.Output | None = None
     error: BrokerError | None = None
-    index: int = 0  # the choice it belongs to
-    logprobs: list | None = None  # entries [token, bytes, logprob, [[token, bytes, logprob], ...], text offset]
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.output.finish is not None
 
 
 class Stream:
-    """The events of one request's choices, in order of arrival: a choice's last event is
-    "done"; an "error" event ends the request (finish() cancels the choices still running)."""
+    """The events of one request's choices, in order of arrival: an error event ends the
+    request (finish() cancels the choices still running)."""
 
     def __init__(self, request_id: str, choices: int, deadline: float):
         self.id = request_id
@@ -72,8 +74,8 @@ class Stream:
             event = await asyncio.wait_for(self.events.get(), max(remaining, 0.001))
         except asyncio.TimeoutError:
             # The choices still run somewhere, and finish() will cancel them.
-            return Event("error", error=BrokerError(504, "timeout", "the request did not finish before its deadline"))
-        if event.kind != "chunk":
+            return Event(0, error=BrokerError(ErrorCode.TIMEOUT, "the request did not finish before its deadline"))
+        if event.finished:
             self.running.discard(event.index)
         return event
 
@@ -120,25 +122,34 @@ class BrokerClient:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.socket.close()
 
-    def _send(self, command: bytes, body) -> None:
+    def _send(self, message: p.Message) -> None:
+        self._send_frames(p.encode(message))
+
+    def _send_frames(self, frames: list[bytes]) -> None:
         # A non-blocking send completes at once; its Future holds zmq.Again when no broker
-        # is connected (IMMEDIATE), which becomes a 503 here rather than a queued message.
-        sent = self.socket.send_multipart(p.encode(command, body), flags=zmq.NOBLOCK)
+        # is connected (IMMEDIATE), which becomes an error here rather than a queued message.
+        sent = self.socket.send_multipart(frames, flags=zmq.NOBLOCK)
         if sent.done() and sent.exception() is not None:
-            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} is not reachable")
+            raise BrokerError(ErrorCode.BROKER_UNAVAILABLE, f"the broker at {self.address} is not reachable")
 
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, model: str, choices: list[dict], timeout: float) -> Stream:
-        """Start a request: `choices` holds, per choice, its prompt ("messages" or "prompt")
-        and "params"."""
+        """Start a request: `choices` holds, per choice, the Submit fields of its prompt
+        ("messages" or "prompt") and its "params". A request that cannot be sent whole is
+        not sent at all: the choices already sent are cancelled."""
         if not self.broker_up:
-            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} is not answering")
+            raise BrokerError(ErrorCode.BROKER_UNAVAILABLE, f"the broker at {self.address} is not answering")
         stream = Stream(uuid.uuid4().hex, len(choices), time.monotonic() + timeout)
         try:
             for index, (job_id, choice) in enumerate(zip(stream.job_ids, choices)):
-                self._send(p.SUBMIT, {"id": job_id, "model": model, "timeout": timeout, **choice})
+                frames = p.encode(p.Submit(id=job_id, model=model, timeout=timeout, **choice))
+                p.decode(frames)  # checked as the broker will check it: it would drop a job that fails
+                self._send_frames(frames)
                 self.jobs[job_id] = (stream, index)
+        except p.ProtocolError as exc:
+            self.finish(stream)
+            raise BrokerError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         except BrokerError:
             self.finish(stream)
             raise
@@ -154,19 +165,19 @@ class BrokerClient:
         stream.running.clear()
         if running:
             try:
-                self._send(p.CANCEL, {"ids": running})
+                self._send(p.Cancel(ids=running))
             except BrokerError:
                 pass  # the broker is gone, and the jobs with it
 
-    async def status(self, timeout: float = 3.0) -> dict:
+    async def status(self, timeout: float = 3.0) -> p.StatusReport:
         token = uuid.uuid4().hex
         waiter = asyncio.get_running_loop().create_future()
         self.status_waiters[token] = waiter
         try:
-            self._send(p.STATUS, {"token": token})
+            self._send(p.Status(token=token))
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
-            raise BrokerError(503, "broker_unavailable", f"the broker at {self.address} did not answer") from None
+            raise BrokerError(ErrorCode.BROKER_UNAVAILABLE, f"the broker at {self.address} did not answer") from None
         finally:
             self.status_waiters.pop(token, None)
 
@@ -176,57 +187,54 @@ class BrokerClient:
         while True:
             frames = await self.socket.recv_multipart()
             try:
-                command, body = p.decode(frames)
-                self.last_heard = time.monotonic()
-                self._dispatch(command, body)
-            except (p.ProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
-                log.warning("dropped a bad message from the broker: %r", exc)
+                message = p.decode(frames)
+            except p.ProtocolError as exc:
+                log.warning("dropped a bad message from the broker: %s", exc)
+                continue
+            self.last_heard = time.monotonic()
+            self._dispatch(message)
 
-    def _dispatch(self, command: bytes, body) -> None:
-        if command == p.CHUNK:
-            for job_id, text, *logprobs in body:
-                self._deliver(job_id, Event("chunk", text, logprobs=logprobs[0] if logprobs else None))
-        elif command == p.DONE:
-            for job_id, text, reason, prompt_tokens, completion_tokens, *logprobs in body:
-                self._deliver(job_id, Event("done", text, reason, prompt_tokens, completion_tokens,
-                                            logprobs=logprobs[0] if logprobs else None))
-        elif command == p.ERROR:
-            error = BrokerError(int(body["status"]), str(body["type"]), str(body["message"]))
-            self._deliver(body["id"], Event("error", error=error))
-        elif command == p.HEARTBEAT:
-            self._check_broker_id(body.get("broker_id"))
-        elif command == p.STATUS:
-            waiter = self.status_waiters.get(body.get("token"))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(body)
+    def _dispatch(self, message: p.Message) -> None:
+        if isinstance(message, p.Step):
+            for output in message.outputs:
+                self._deliver(output.id, output.finish is not None, lambda index: Event(index, output))
+        elif isinstance(message, p.Error):
+            error = BrokerError(message.code, message.message)
+            self._deliver(message.id, True, lambda index: Event(index, error=error))
+        elif isinstance(message, p.Heartbeat):
+            self._check_broker_id(message.broker_id)
+        elif isinstance(message, p.Status):
+            waiter = self.status_waiters.get(message.token)
+            if waiter is not None and not waiter.done() and message.report is not None:
+                waiter.set_result(message.report)
 
-    def _check_broker_id(self, broker_id: str | None) -> None:
+    def _check_broker_id(self, broker_id: str) -> None:
         if self.broker_id is not None and broker_id != self.broker_id:
             log.warning("the broker at %s restarted; failing the requests in flight", self.address)
-            self._fail_all(BrokerError(503, "broker_unavailable", "the broker restarted and lost this request"))
+            self._fail_all(BrokerError(ErrorCode.BROKER_UNAVAILABLE, "the broker restarted and lost this request"))
         self.broker_id = broker_id
 
-    def _deliver(self, job_id: str, event: Event) -> None:
+    def _deliver(self, job_id: str, last: bool, event) -> None:
         route = self.jobs.get(job_id)
         if route is None:
             return  # its client left: the broker will see our CANCEL
-        if event.kind != "chunk":
+        if last:
             del self.jobs[job_id]
-        stream, event.index = route
-        stream.events.put_nowait(event)
+        stream, index = route
+        stream.events.put_nowait(event(index))
 
     async def _heartbeat(self) -> None:
         was_up = False
         while True:
             try:
-                self._send(p.HEARTBEAT, {})
+                self._send(p.Heartbeat())
             except BrokerError:
                 pass
             await asyncio.sleep(self.heartbeat_interval)
             up = self.broker_up
             if was_up and not up:
                 log.warning("lost the broker at %s; failing the requests in flight", self.address)
-                self._fail_all(BrokerError(503, "broker_unavailable", "lost contact with the broker"))
+                self._fail_all(BrokerError(ErrorCode.BROKER_UNAVAILABLE, "lost contact with the broker"))
             elif up and not was_up:
                 log.info("in contact with the broker at %s", self.address)
             was_up = up
@@ -235,17 +243,17 @@ class BrokerClient:
         streams = {id(stream): stream for stream, _ in self.jobs.values()}
         self.jobs = {}
         for stream in streams.values():
-            stream.events.put_nowait(Event("error", error=error))
+            stream.events.put_nowait(Event(0, error=error))
 
 
-def fetch_status(address: str, timeout: float = 3.0, curve: Curve | None = None) -> dict:
+def fetch_status(address: str, timeout: float = 3.0, curve: Curve | None = None) -> p.StatusReport:
     """The broker's STATUS, from outside an event loop (the CLI, `serve`)."""
-    async def ask() -> dict:
+    async def ask() -> p.StatusReport:
         client = BrokerClient(address, curve)
         await client.start()
         try:
             if not await client.wait_for_broker(timeout):
-                raise BrokerError(503, "broker_unavailable", f"no broker answers at {address}")
+                raise BrokerError(ErrorCode.BROKER_UNAVAILABLE, f"no broker answers at {address}")
             return await client.status(timeout)
         finally:
             await client.close()

@@ -11,6 +11,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from zmqchat.protocol import StatusReport
+
 # Buckets in seconds, from vLLM's choices for the same histograms.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
@@ -37,16 +39,16 @@ class Metrics:
         self.free_slots = Gauge("zmqchat:num_free_slots", "Free worker slots.", model, registry=r)
         self.broker_up = Gauge("zmqchat:broker_up", "1 while the broker answers this frontend.", registry=r)
 
-    def render(self, status: dict | None) -> bytes:
+    def render(self, report: StatusReport | None) -> bytes:
         """The exposition text, with the cluster gauges set from a broker STATUS (None: no answer)."""
-        self.broker_up.set(status is not None)
+        self.broker_up.set(report is not None)
         for gauge in (self.waiting, self.running, self.workers, self.free_slots):
             gauge.clear()  # a model no worker serves any more disappears
-        for name, m in (status or {}).get("models", {}).items():
-            self.waiting.labels(name).set(m["queued"])
-            self.running.labels(name).set(m["slots"] - m["free"])
-            self.workers.labels(name).set(m["workers"])
-            self.free_slots.labels(name).set(m["free"])
+        for name, m in (report.models if report else {}).items():
+            self.waiting.labels(name).set(m.queued)
+            self.running.labels(name).set(m.slots - m.free)
+            self.workers.labels(name).set(m.workers)
+            self.free_slots.labels(name).set(m.free)
         return generate_latest(self.registry)
 
 
@@ -76,4 +78,5 @@ class RequestMetrics:
         self.metrics.requests.labels(self.model, finish_reason).inc()
 
     def failed(self, code: str) -> None:
+        """The request ended without an answer: `code` is an ErrorCode's value, or "cancelled"."""
         self.metrics.requests.labels(self.model, code).inc()

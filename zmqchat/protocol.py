@@ -1,91 +1,277 @@
-"""The zmqchat wire protocol: every message between frontends, broker and workers.
+"""The zmqchat wire protocol, ZMQCHAT/2: every message between frontends, broker and workers.
 
-A message is three ZeroMQ frames, preceded on a ROUTER socket by the peer's identity:
+A message is three ZeroMQ frames, after the peer's identity on a ROUTER socket:
 
-    [PROTOCOL] [command: 1 byte] [body: msgpack]
+    [b"ZMQCHAT/2"] [command: 1 byte] [body: msgpack]
 
-PROTOCOL names the protocol and its version; a peer speaking another version is refused.
-Nothing outside this module builds or parses frames. `encode()` builds them, `decode()`
-checks them and raises ProtocolError for anything malformed, which the receiver logs and drops.
+Each command's body is one typed struct below, encoded by msgspec. Nothing outside this
+module builds or parses frames: `encode()` turns a message into frames; `decode()` turns
+frames into a message, or raises ProtocolError for anything else (another protocol or
+version, an unknown command, a missing or mistyped field, a value out of range), which the
+receiver logs and drops. So no handler ever looks into an unchecked body.
 
-Bodies, by command (direction: F frontend, B broker, W worker):
+  READY       W->B     Ready: the worker's id, the models it serves, its slots, host, device, pid
+  HEARTBEAT   W<->B    Heartbeat; a frontend's HEARTBEAT (F->B) is answered with the broker's id,
+              F<->B    new after a restart. A frontend silent for long has its jobs cancelled.
+  SUBMIT      F->B->W  Submit: one job (one choice of a request): id, model, timeout in seconds,
+                       SamplingParams, and either `messages` (a chat) or `prompt` (a completion:
+                       text or token ids)
+  CANCEL      F->B->W  Cancel: job ids
+  STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
+                       its tokens' logprobs where the job asked, and for a finished sequence its
+                       finish reason and usage. The broker frees a slot for each finished output.
+  ERROR       W/B->F   Error: a job that ended without an answer, with an ErrorCode (never an HTTP
+                       status: which status a code gets is the API's business)
+  DISCONNECT  W->B     Disconnect: with `drain`, the worker takes no new jobs and finishes those it
+                       has; without, it leaves now (its jobs are requeued or failed)
+              B->W     the broker does not know this worker: it must send READY again
+  STATUS      F->B     Status with a token; B->F the same token and a StatusReport
+                       (workers, models, queues)
 
-  READY       W->B  {"worker_id", "models": [str], "slots": int, "host", "device", "pid"}
-  HEARTBEAT   both  {}          W<->B, and F->B, which B answers with {"broker_id"} (new after a restart);
-                                a frontend silent for long has its jobs cancelled
-  SUBMIT      F->B->W  {"id", "model", "timeout": seconds, "params": {...}, and either "messages": [...]
-                       (a chat) or "prompt": text or [token id, ...] (a completion)}; one per choice
-  CANCEL      F->B->W  {"ids": [str]}
-  CHUNK       W->B->F  [[id, text], ...]                 new text of each sequence, one engine step
-  DONE        W->B->F  [[id, text, finish_reason, prompt_tokens, completion_tokens], ...]
-                       a job whose params ask for logprobs has one more element in each CHUNK and
-                       DONE entry: [[token, bytes, logprob, [[token, bytes, logprob], ...top], text offset], ...]
-  ERROR       W/B->F   {"id", "status": http status, "type", "message"}
-  DISCONNECT  W->B     {"reason", "drain": bool}: with drain, the worker takes no new jobs and
-                       finishes those it has; without, it leaves now (its jobs are requeued or failed)
-              B->W     {"reason"}: the broker does not know this worker; it must send READY again
-  STATUS      F->B     {"token"};  B->F  {"token", "policy", "workers": [...], "models": {...}}
+Structs that cross the wire once per job or per peer are msgpack maps (field names as keys);
+those sent for every token (Output and what it holds) are arrays of their fields in order,
+trailing defaults left out, since they are the hot path.
 
-CHUNK and DONE carry lists so that one engine step, over many sequences, is one message.
+The limits here (sizes, counts, the ranges of sampling parameters) are the wire's own, checked
+on decode; the API's request schemas use the same constants.
 """
 
 from __future__ import annotations
 
-import msgpack
+import enum
+from typing import Annotated, Literal, Union
 
-PROTOCOL = b"ZMQCHAT/1"
+import msgspec
+from msgspec import Meta, Struct, field
 
-READY = b"\x01"
-HEARTBEAT = b"\x02"
-SUBMIT = b"\x03"
-CANCEL = b"\x04"
-CHUNK = b"\x05"
-DONE = b"\x06"
-ERROR = b"\x07"
-DISCONNECT = b"\x08"
-STATUS = b"\x09"
+PROTOCOL = b"ZMQCHAT/2"
 
-COMMAND_NAMES = {
-    READY: "READY", HEARTBEAT: "HEARTBEAT", SUBMIT: "SUBMIT", CANCEL: "CANCEL",
-    CHUNK: "CHUNK", DONE: "DONE", ERROR: "ERROR", DISCONNECT: "DISCONNECT", STATUS: "STATUS",
-}
+# -- limits -------------------------------------------------------------------------------
 
-# The body of each command must be a map or a list, as documented above.
-_LIST_BODIES = {CHUNK, DONE}
+MAX_INT = 2**31 - 1  # for counts: more is a mistake
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a bigger frame is a broken or hostile peer
+MAX_ID = 256  # characters of a job or worker id
+MAX_NAME = 256  # characters of a model name
+MAX_MODELS = 64  # models one worker may announce
+MAX_SLOTS = 4096  # slots one worker may announce
+MAX_CANCEL = 4096  # ids in one CANCEL
+MAX_TIMEOUT = 3600.0  # longest a job may take, in seconds
+MAX_STOP_STRINGS = 16  # each is checked at every token; OpenAI allows 4
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY]
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit an int64
 
-# Largest body we accept; a bigger frame is a broken or hostile peer.
-MAX_BODY_BYTES = 64 * 1024 * 1024
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
+Count = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a job ended without an answer."""
+
+    INVALID_REQUEST = "invalid_request"  # the job's parameters or prompt are not acceptable
+    CONTEXT_LENGTH = "context_length_exceeded"  # prompt + max_tokens over the model's window
+    MODEL_NOT_FOUND = "model_not_found"  # no worker serves the model, but others are connected
+    NO_WORKER = "no_worker"  # no worker is connected at all
+    OVERLOADED = "overloaded"  # the model's queue (or a worker) is full: try again later
+    TIMEOUT = "timeout"  # the job's deadline passed
+    WORKER_LOST = "worker_lost"  # the worker generating the job went away mid-answer
+    ENGINE_ERROR = "engine_error"  # the worker's engine failed
+    BROKER_UNAVAILABLE = "broker_unavailable"  # a frontend lost the broker (never sent on the wire)
 
 
 class ProtocolError(ValueError):
-    """A frame sequence that is not a valid zmqchat message."""
+    """Frames that are not a valid zmqchat message."""
 
 
-def encode(command: bytes, body) -> list[bytes]:
-    """Frames for one message (without the ROUTER identity)."""
-    return [PROTOCOL, command, msgpack.packb(body, use_bin_type=True)]
+class JobError(Exception):
+    """A job refused or failed, raised where it is found and sent as an Error message."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
-def decode(frames: list[bytes]):
-    """(command, body) of a message's frames, the ROUTER identity already removed."""
+# -- messages -----------------------------------------------------------------------------
+
+class Wire(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A struct sent as a msgpack map, fields at their defaults left out."""
+
+
+class Packed(Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A struct sent as a msgpack array, trailing defaults left out."""
+
+
+class Ready(Wire):
+    worker_id: Id
+    models: Annotated[list[Name], Meta(min_length=1, max_length=MAX_MODELS)]
+    slots: Annotated[int, Meta(ge=1, le=MAX_SLOTS)]
+    host: Annotated[str, Meta(max_length=MAX_NAME)] = ""
+    device: Annotated[str, Meta(max_length=MAX_NAME)] = ""
+    pid: Count = 0
+
+
+class Heartbeat(Wire):
+    broker_id: Annotated[str, Meta(max_length=MAX_ID)] = ""  # set in the broker's answer to a frontend
+
+
+class SamplingParams(Wire, frozen=True):
+    """How to sample one job. None means the model's own default (then OpenAI's)."""
+
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=MAX_TEMPERATURE)] | None = None
+    top_p: Probability | None = None
+    top_k: Count = 0  # 0: no limit
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    seed: Annotated[int, Meta(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
+    stop: Annotated[tuple[Annotated[str, Meta(min_length=1)], ...], Meta(max_length=MAX_STOP_STRINGS)] = ()
+    ignore_eos: bool = False  # run to max_tokens (vLLM's extension, for benchmarks)
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # top alternatives per token
+    echo: bool = False  # the output starts with the prompt (/v1/completions)
+
+
+class ChatMessage(Wire):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: str
+
+
+class Submit(Wire):
+    id: Id
+    model: Name
+    timeout: Annotated[float, Meta(gt=0.0, le=MAX_TIMEOUT)]  # seconds from now (clocks differ across machines)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
+    prompt: str | Annotated[list[Annotated[int, Meta(ge=0, le=MAX_INT)]], Meta(min_length=1)] | None = None
+
+    def __post_init__(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a job has either messages or a prompt")
+
+
+class Cancel(Wire):
+    ids: Annotated[list[Id], Meta(max_length=MAX_CANCEL)]
+
+
+class Alternative(Packed):
+    token: str  # the token's text, or "bytes:\\xNN..." when it holds part of a character
+    raw: bytes  # its bytes
+    logprob: float
+
+
+class TokenLogprob(Packed):
+    token: str
+    raw: bytes
+    logprob: float
+    top: list[Alternative]  # the likeliest tokens at this position, with their logprobs
+    offset: Count  # where the token's text starts in the output (echo included)
+
+
+class Usage(Packed):
+    prompt_tokens: Count
+    completion_tokens: Count
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Output(Packed):
+    """One sequence's output of one engine step."""
+
+    id: Id
+    text: str = ""
+    logprobs: list[TokenLogprob] | None = None  # of the tokens that made `text`, where the job asked
+    finish: FinishReason | None = None  # set on the sequence's last output
+    usage: Usage | None = None  # with `finish`
+
+    def __post_init__(self):
+        if (self.finish is None) != (self.usage is None):
+            raise ValueError("a finished output has usage, and only a finished one")
+
+
+class Step(Wire):
+    outputs: Annotated[list[Output], Meta(min_length=1)]
+
+
+class Error(Wire):
+    id: Annotated[str, Meta(max_length=MAX_ID)]
+    code: ErrorCode
+    message: str
+
+
+class Disconnect(Wire):
+    reason: Annotated[str, Meta(max_length=1024)] = ""
+    drain: bool = False
+
+
+class WorkerStatus(Wire):
+    worker_id: str
+    models: list[str]
+    host: str
+    device: str
+    slots: int
+    free: int
+    dispatched: int
+    done: int
+    draining: bool
+    last_heard: float  # seconds since the broker last heard from it
+
+
+class ModelStatus(Wire):
+    workers: int
+    slots: int
+    free: int
+    queued: int
+
+
+class StatusReport(Wire):
+    policy: str
+    workers: list[WorkerStatus]
+    models: dict[str, ModelStatus]
+
+
+class Status(Wire):
+    token: Annotated[str, Meta(max_length=MAX_ID)]
+    report: StatusReport | None = None  # None in the question, set in the broker's answer
+
+
+Message = Union[Ready, Heartbeat, Submit, Cancel, Step, Error, Disconnect, Status]
+
+COMMANDS: dict[bytes, type] = {
+    b"\x01": Ready, b"\x02": Heartbeat, b"\x03": Submit, b"\x04": Cancel,
+    b"\x05": Step, b"\x06": Error, b"\x07": Disconnect, b"\x08": Status,
+}
+_COMMAND_OF = {kind: command for command, kind in COMMANDS.items()}
+_DECODERS = {command: msgspec.msgpack.Decoder(kind) for command, kind in COMMANDS.items()}
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encode(message: Message) -> list[bytes]:
+    """The frames of `message` (without a ROUTER identity)."""
+    try:
+        body = _ENCODER.encode(message)
+    except UnicodeEncodeError as exc:  # a lone surrogate, which UTF-8 cannot carry
+        raise ProtocolError(f"{type(message).__name__} holds text that is not valid Unicode: {exc.reason}") from None
+    return [PROTOCOL, _COMMAND_OF[type(message)], body]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """The message in `frames` (the ROUTER identity already removed), checked field by field."""
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames, got {len(frames)}")
     tag, command, raw = frames
     if tag != PROTOCOL:
         raise ProtocolError(f"unknown protocol or version {bytes(tag[:32])!r}, expected {PROTOCOL!r}")
-    if command not in COMMAND_NAMES:
+    decoder = _DECODERS.get(bytes(command))
+    if decoder is None:
         raise ProtocolError(f"unknown command {bytes(command[:8])!r}")
     if len(raw) > MAX_BODY_BYTES:
         raise ProtocolError(f"body of {len(raw)} bytes is over the limit")
     try:
-        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types for bad input
-        raise ProtocolError(f"{COMMAND_NAMES[command]} body is not msgpack: {exc}") from None
-    expected = list if command in _LIST_BODIES else dict
-    if not isinstance(body, expected):
-        raise ProtocolError(f"{COMMAND_NAMES[command]} body must be a {expected.__name__}")
-    return command, body
-
-
-def error_body(request_id: str, status: int, type_: str, message: str) -> dict:
-    return {"id": request_id, "status": status, "type": type_, "message": message}
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ProtocolError(f"bad {COMMANDS[bytes(command)].__name__}: {exc}") from None

@@ -1,7 +1,8 @@
 """`zmqchat serve`: a broker, N workers and an API frontend on one machine, in one command.
 
-Each part runs as its own process (the same ones `zmqchat broker|worker|api` start), so a
-crash stays where it happened and the parts behave as they would across machines. The model
+Each part runs as its own process, running the same role `run(config)` that `zmqchat
+broker|worker|api` runs, from a config object built here (not a command line to parse again),
+so a crash stays where it happened and the parts behave as they would across machines. The model
 is resolved (and a GGUF converted) once here, before the workers start, so N workers never
 convert at once. Ctrl-C or SIGTERM stops the parts in order: the API lets open requests finish,
 the workers drain, then the broker goes. A second Ctrl-C kills whatever is left at once.
@@ -10,76 +11,54 @@ The parts run in their own session, so a terminal's Ctrl-C reaches only this pro
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 
 from zmqchat.client import BrokerError, fetch_status
+from zmqchat.config import ServeConfig, configure_logging
 from zmqchat.curve import from_folder
 
 log = logging.getLogger("zmqchat.serve")
 
-# `zmqchat api` reads its --api-key values from this (click's name for the option's dest), split on spaces.
-API_KEYS_VARIABLE = "ZMQCHAT_API_API_KEYS"
 STOP_GRACE = 90.0  # seconds a stage gets to stop on SIGTERM (API and worker drains) before it is killed
 READY_POLL = 0.5  # seconds between checks that the workers have joined
 
 
-@dataclass
-class ServeConfig:
-    model_path: str | None = None
-    model_name: str | None = None
-    workers: int = 1
-    host: str = "127.0.0.1"
-    port: int = 8000
-    frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://127.0.0.1:5556"
-    policy: str = "shortest-queue"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch: int | None = None
-    max_tokens_in_flight: int | None = None
-    api_keys: tuple[str, ...] = ()
-    fake: bool = False
-    fake_delay: float | None = None
-    curve_dir: Path | None = None
-    ready_timeout: float = 600.0
-    log_level: str = "info"
+def part_configs(config: ServeConfig, model_path: str | None, model_name: str) -> list[tuple[str, object]]:
+    """(role, config) of each part: broker, workers, then API, wired to one another."""
+    curve = lambda name: from_folder(config.curve_dir, name)  # noqa: E731
+    broker = replace(config.broker, curve=curve("broker"))
+    worker = replace(config.worker, model_path=model_path, model_name=model_name, broker=broker.backend,
+                     curve=curve("worker"))
+    api = replace(config.api, broker=broker.frontend, log_level=config.log_level, curve=curve("api"))
+    return [("broker", broker)] + [("worker", worker)] * config.workers + [("api", api)]
 
 
-def part_commands(config: ServeConfig, model_path: str | None, model_name: str) -> list[list[str]]:
-    """The command line of each part: broker, workers, then API."""
-    zmqchat = [sys.executable, "-m", "zmqchat"]
-    common = ["--log-level", config.log_level] + (["--curve", str(config.curve_dir)] if config.curve_dir else [])
-    broker = [*zmqchat, "broker", *common, "--frontend", config.frontend, "--backend", config.backend,
-              "--policy", config.policy]
-    worker = [*zmqchat, "worker", *common, "--broker", config.backend, "--model-name", model_name,
-              "--device", config.device, "--dtype", config.dtype]
-    if model_path:
-        worker.append(model_path)
-    if config.max_batch:
-        worker += ["--max-batch", str(config.max_batch)]
-    if config.max_tokens_in_flight:
-        worker += ["--max-tokens-in-flight", str(config.max_tokens_in_flight)]
-    if config.fake:
-        worker += ["--fake"] + (["--fake-delay", str(config.fake_delay)] if config.fake_delay is not None else [])
-    api = [*zmqchat, "api", *common, "--host", config.host, "--port", str(config.port), "--broker", config.frontend]
-    return [broker] + [worker] * config.workers + [api]
+def start_part(role: str, config, log_level: str) -> subprocess.Popen:
+    """A process running `zmqchat.<role>.run(config)`, in a session of its own (so a terminal's
+    Ctrl-C reaches only `serve`, which stops the parts in order). The config travels pickled on
+    its stdin: nothing, API keys included, is on its command line, where `ps` would show it."""
+    process = subprocess.Popen([sys.executable, "-m", "zmqchat.serve", role], stdin=subprocess.PIPE,
+                               start_new_session=True)
+    process.stdin.write(pickle.dumps((config, log_level)))
+    process.stdin.close()
+    return process
 
 
 def run(config: ServeConfig) -> int:
-    if config.fake:
-        model_path, model_name = None, config.model_name or "fake"
+    if config.worker.fake:
+        model_path, model_name = None, config.worker.model_name or "fake"
     else:
         from zmqchat import models
 
-        model_path, model_name = models.resolve(config.model_path, config.model_name)
+        model_path, model_name = models.resolve(config.worker.model_path, config.worker.model_name)
     if config.curve_dir:
         from zmqchat.curve import ensure_keys
 
@@ -87,15 +66,11 @@ def run(config: ServeConfig) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    # The API's keys go in its environment, not on its command line, where `ps` shows them.
-    *others, api = part_commands(config, model_path, model_name)
-    api_env = {**os.environ, API_KEYS_VARIABLE: " ".join(config.api_keys)} if config.api_keys else None
-    parts = [subprocess.Popen(cmd, start_new_session=True) for cmd in others]
-    parts.append(subprocess.Popen(api, start_new_session=True, env=api_env))
+    parts = [start_part(role, part, config.log_level) for role, part in part_configs(config, model_path, model_name)]
     try:
         if not wait_until_ready(config, model_name, parts, stopping):
             return 1 if not stopping else 0
-        url = f"http://{config.host}:{config.port}"
+        url = f"http://{config.api.host}:{config.api.port}"
         print(f"zmqchat is serving {model_name} with {config.workers} worker(s): chat page at {url}/ , "
               f"OpenAI API at {url}/v1 (try: curl {url}/v1/models). Ctrl-C stops.", flush=True)
         while not stopping:
@@ -118,10 +93,10 @@ def wait_until_ready(config: ServeConfig, model_name: str, parts: list, stopping
             log.error("a part of the cluster exited during start-up")
             return False
         try:
-            model = fetch_status(config.frontend, timeout=1.0, curve=curve)["models"].get(model_name)
+            model = fetch_status(config.broker.frontend, timeout=1.0, curve=curve).models.get(model_name)
         except BrokerError:
             model = None
-        now_joined = model["workers"] if model else 0
+        now_joined = model.workers if model else 0
         if now_joined != joined:
             joined = now_joined
             print(f"waiting for workers to load {model_name}: {joined}/{config.workers} ready", flush=True)
@@ -135,7 +110,7 @@ def wait_until_ready(config: ServeConfig, model_name: str, parts: list, stopping
 
 def api_answers(config: ServeConfig) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{config.host}:{config.port}/health", timeout=1.0):
+        with urllib.request.urlopen(f"http://{config.api.host}:{config.api.port}/health", timeout=1.0):
             return True
     except OSError:
         return False
@@ -157,3 +132,15 @@ def stop_parts(parts: list[subprocess.Popen]) -> None:
             if part.poll() is None:
                 part.kill()
                 part.wait()
+
+
+def run_part() -> None:
+    """The body of a process started by start_part."""
+    role = sys.argv[1]
+    config, log_level = pickle.load(sys.stdin.buffer)
+    configure_logging(log_level)
+    importlib.import_module(f"zmqchat.{role}").run(config)
+
+
+if __name__ == "__main__":
+    run_part()

@@ -1,8 +1,8 @@
 """The worker: one model on one device (or a group of GPUs), connected to the broker.
 
 Two threads. The engine thread owns the Engine: it takes jobs and cancels from an inbox,
-runs engine steps, and pushes each step's output (one CHUNK and one DONE message, whatever
-the number of sequences) down an inproc socket. The socket thread owns the DEALER to the
+runs engine steps, and pushes each step's outputs (one STEP message, whatever the number of
+sequences) down an inproc socket. The socket thread owns the DEALER to the
 broker: it puts incoming jobs in the inbox, forwards the engine's messages, and heartbeats.
 Because the model computes on the other thread, heartbeats keep going during generation.
 
@@ -22,38 +22,20 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import zmq
 
 from zmqchat import protocol as p
-from zmqchat.broker import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from zmqchat.curve import Curve, describe, secure_client
-from zmqchat.engine import DEFAULT_SLOTS, Engine, RequestError
+from zmqchat.config import WorkerConfig
+from zmqchat.curve import describe, secure_client
+from zmqchat.engine import Engine
+from zmqchat.protocol import ErrorCode, JobError
 
 log = logging.getLogger("zmqchat.worker")
 
 RECONNECT_MAX = 8.0  # longest back-off between reconnect attempts, in seconds
-DRAIN_TIMEOUT = 60.0  # seconds a draining worker gives its jobs in flight before it leaves anyway
 DRAIN_POLL = 0.1  # how often a draining worker checks whether it is done
 ENGINE_IDLE_WAIT = 0.5  # how often an idle engine thread checks whether to stop
-
-
-@dataclass
-class WorkerConfig:
-    model_path: str | None = None
-    model_name: str | None = None
-    broker: str = "tcp://127.0.0.1:5556"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch: int = DEFAULT_SLOTS
-    max_tokens_in_flight: int | None = None  # KV-cache tokens; default: half the free memory
-    fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)
-    fake_delay: float = 0.02
-    drain_timeout: float = DRAIN_TIMEOUT
-    curve: Curve | None = None
-    heartbeat_interval: float = HEARTBEAT_INTERVAL
-    heartbeat_liveness: int = HEARTBEAT_LIVENESS
 
 
 class Worker:
@@ -94,9 +76,9 @@ class Worker:
             now = time.monotonic()
             if self.drain_deadline is not None:
                 if not drain_announced:
-                    self._send(p.DISCONNECT, {"reason": "drain", "drain": True})
+                    self._send(p.Disconnect("drain", drain=True))
                     drain_announced = True
-                    log.info("draining: no new jobs; finishing %d in flight", len(self.engine.sequences))
+                    log.info("draining: no new jobs; finishing %d in flight", len(self.engine.job_ids()))
                 if self._idle() or now > self.drain_deadline:
                     break
             if now - last_heard > self.liveness:
@@ -107,12 +89,12 @@ class Worker:
                 drain_announced = False
                 last_heard = time.monotonic()
             if now >= next_beat:
-                self._send(p.HEARTBEAT, {})
+                self._send(p.Heartbeat())
                 next_beat = now + self.config.heartbeat_interval
         self.inbox.put(None)
         engine_thread.join(timeout=5)
         self._forward_outputs()  # the engine's last messages go out before we say goodbye
-        self._send(p.DISCONNECT, {"reason": "drained" if self._idle() else "shutdown"})
+        self._send(p.Disconnect("drained" if self._idle() else "shutdown"))
         self.dealer.close(linger=1000)
         self.outputs.close()
         log.info("worker %s stopped", self.worker_id)
@@ -125,7 +107,7 @@ class Worker:
             self.running = False
 
     def _idle(self) -> bool:
-        return self.inbox.empty() and not self.engine.sequences
+        return self.inbox.empty() and not self.engine.has_work
 
     def _stopped_during(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -148,16 +130,13 @@ class Worker:
     def _announce(self) -> None:
         # Jobs still running belong to a broker connection that is gone: drop them first.
         self.inbox.put(("reset", None))
-        self._send(p.READY, {
-            "worker_id": self.worker_id, "models": [self.engine.model_name],
-            "slots": self.engine.slots, "host": socket.gethostname(), "device": self.device,
-            "pid": os.getpid(),
-        })
+        self._send(p.Ready(worker_id=self.worker_id, models=[self.engine.model_name], slots=self.engine.slots,
+                           host=socket.gethostname(), device=self.device, pid=os.getpid()))
         log.info("worker %s announced %s (%d slots) to %s", self.worker_id,
                  self.engine.model_name, self.engine.slots, self.config.broker)
 
-    def _send(self, command: bytes, body) -> None:
-        self.dealer.send_multipart(p.encode(command, body))
+    def _send(self, message: p.Message) -> None:
+        self.dealer.send_multipart(p.encode(message))
 
     def _drain_broker(self) -> bool:
         """Handle every waiting message from the broker; True if any was valid."""
@@ -168,20 +147,20 @@ class Worker:
             except zmq.Again:
                 return heard
             try:
-                command, body = p.decode(frames)
+                message = p.decode(frames)
             except p.ProtocolError as exc:
                 log.warning("dropped a bad message from the broker: %s", exc)
                 continue
             heard = True
-            if command == p.SUBMIT:
-                self.inbox.put(("add", body))
-            elif command == p.CANCEL:
-                self.inbox.put(("cancel", body.get("ids", [])))
-            elif command == p.DISCONNECT:
-                log.info("broker asked for a new announcement: %s", body.get("reason"))
+            if isinstance(message, p.Submit):
+                self.inbox.put(("add", message))
+            elif isinstance(message, p.Cancel):
+                self.inbox.put(("cancel", message.ids))
+            elif isinstance(message, p.Disconnect):
+                log.info("broker asked for a new announcement: %s", message.reason)
                 self._announce()
-            elif command != p.HEARTBEAT:
-                log.warning("dropped %s from the broker", p.COMMAND_NAMES[command])
+            elif not isinstance(message, p.Heartbeat):
+                log.warning("dropped %s from the broker", type(message).__name__)
 
     def _forward_outputs(self) -> None:
         while True:
@@ -196,31 +175,28 @@ class Worker:
     def _engine_loop(self) -> None:
         out = self.context.socket(zmq.PUSH)
         out.connect(self.outputs_address)
-        send = lambda command, body: out.send_multipart(p.encode(command, body))  # noqa: E731
+        send = lambda message: out.send_multipart(p.encode(message))  # noqa: E731
         try:
             while True:
-                commands = self._take_commands(block=not self.engine.sequences)
+                commands = self._take_commands(block=not self.engine.has_work)
                 if commands is None:
                     return
-                dones = []
+                outputs: list[p.Output] = []
                 for kind, arg in commands:
-                    self._apply(kind, arg, dones, send)
+                    self._apply(kind, arg, outputs, send)
                 try:
-                    chunks, finished = self.engine.step()
+                    outputs += self.engine.step()
                 except Exception as exc:
-                    log.exception("engine step failed; failing its %d sequences", len(self.engine.sequences))
-                    for job_id in list(self.engine.sequences):
+                    log.exception("engine step failed; failing its %d sequences", len(self.engine.job_ids()))
+                    for job_id in self.engine.job_ids():
                         self.engine.cancel(job_id)
-                        log.warning("request %s: failed in the engine", job_id)
-                        send(p.ERROR, p.error_body(job_id, 500, "engine_error", f"the engine failed: {exc}"))
-                    chunks, finished = [], []
-                if chunks:
-                    send(p.CHUNK, chunks)
-                for entry in finished:
-                    log.debug("request %s: finished (%s), %d prompt and %d output tokens",
-                              entry[0], entry[2], entry[3], entry[4])
-                if dones or finished:
-                    send(p.DONE, dones + finished)
+                        send(p.Error(job_id, ErrorCode.ENGINE_ERROR, f"the engine failed: {exc}"))
+                for output in outputs:
+                    if output.finish:
+                        log.debug("request %s: finished (%s), %d prompt and %d output tokens", output.id,
+                                  output.finish, output.usage.prompt_tokens, output.usage.completion_tokens)
+                if outputs:
+                    send(p.Step(outputs))
         finally:
             out.close(linger=1000)
 
@@ -238,40 +214,39 @@ class Worker:
                 return None
             commands.append(item)
 
-    def _apply(self, kind: str, arg, dones: list, send) -> None:
+    def _apply(self, kind: str, arg, outputs: list, send) -> None:
         if kind == "add":
             try:
                 self.engine.add(arg)
-                log.debug("request %s: accepted", arg["id"])
-            except RequestError as exc:
-                log.info("request %s: refused (%d): %s", arg.get("id"), exc.status, exc)
-                send(p.ERROR, p.error_body(arg.get("id", ""), exc.status, exc.type, str(exc)))
-            except Exception as exc:  # a malformed job must not stop the engine
-                log.warning("refused a malformed job: %r", exc)
-                send(p.ERROR, p.error_body(str(arg.get("id", "")), 400, "invalid_request_error",
-                                           f"malformed job: {exc!r}"))
+                log.debug("request %s: accepted", arg.id)
+            except JobError as exc:
+                log.info("request %s: refused (%s): %s", arg.id, exc.code.value, exc.message)
+                send(p.Error(arg.id, exc.code, exc.message))
+            except Exception as exc:  # a job the engine fails to take must not stop the engine
+                log.exception("request %s: the engine failed to take it", arg.id)
+                send(p.Error(arg.id, ErrorCode.ENGINE_ERROR, f"the engine failed to take the job: {exc!r}"))
         elif kind == "cancel":
             for job_id in arg:
-                entry = self.engine.cancel(job_id)
-                if entry:
-                    log.info("request %s: cancelled after %d tokens", job_id, entry[4])
-                    dones.append(entry)
+                output = self.engine.cancel(job_id)
+                if output:
+                    log.info("request %s: cancelled after %d tokens", job_id, output.usage.completion_tokens)
+                    outputs.append(output)
         elif kind == "reset":
-            for job_id in list(self.engine.sequences):
+            for job_id in self.engine.job_ids():
                 self.engine.cancel(job_id)
 
 
 def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     """The engine for `config` and a description of its device."""
     if config.fake:
-        from zmqchat.engine import FakeEngine
+        from zmqchat.engine import FakeRunner
 
-        return FakeEngine(config.model_name or "fake", config.max_batch, config.fake_delay), "fake"
+        return Engine(FakeRunner(config.model_name or "fake", config.fake_delay), config.max_batch), "fake"
     from zmqchat import models
-    from zmqchat.engine import HFEngine
+    from zmqchat.engine import HFRunner
 
     loaded = models.load(config.model_path, config.model_name, config.device, config.dtype)
-    return HFEngine(loaded, config.max_batch, config.max_tokens_in_flight), loaded.description
+    return Engine(HFRunner(loaded, config.max_tokens_in_flight), config.max_batch), loaded.description
 
 
 def run(config: WorkerConfig) -> None:

@@ -1,0 +1,147 @@
+"""The OpenAI request bodies the API accepts, as pydantic models: validation at the HTTP
+boundary, so that every refusal is a 400 naming its parameter.
+
+A request's JSON comes in; `choices()` turns it into what the broker gets, one dict per choice
+(the wire's ChatMessages or prompt, and its SamplingParams), ready for BrokerClient.submit().
+The ranges are the wire's own (protocol.py); MAX_N and MAX_CHOICES are the API's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from zmqchat import protocol as p
+from zmqchat.config import COMPLETION_MAX_TOKENS
+from zmqchat.protocol import (MAX_INT, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
+                              SEED_RANGE)
+
+MAX_N = 16  # choices of one prompt
+MAX_CHOICES = 128  # choices of one request: prompts x n
+
+Count = Annotated[int, Field(ge=1, le=MAX_INT)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown parameter is a 400 that names it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """OpenAI's API takes null for any optional parameter, meaning its default; some
+        clients send every parameter so. A required one stays null, and is refused."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def wire(self) -> p.ChatMessage:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return p.ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(Strict):
+    type: Literal["text"]  # JSON modes would need constrained decoding, which zmqchat does not do
+
+
+class GenerationRequest(Strict):
+    """What chat and text completions share."""
+
+    model: str = Field(min_length=1, max_length=MAX_NAME)
+    max_tokens: Count | None = None
+    # Left out: the model's own sampling defaults apply (else 1.0, as OpenAI's do).
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT)  # vLLM's extension; -1 or 0: no limit
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, index: int, **own) -> p.SamplingParams:
+        """Choice `index`'s sampling parameters: those both APIs share, and `own`, those each
+        sets its own way (max_tokens, logprobs, echo). A seeded request's
+        choices get seeds of their own, so that n choices differ and the same request gives
+        the same n again."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return p.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p,
+            top_k=max(self.top_k or 0, 0),  # the wire says "no limit" with 0 only
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            stop=tuple(s for s in stop if s),  # an empty stop string stops nothing, and the wire refuses it
+            ignore_eos=self.ignore_eos,
+            seed=None if self.seed is None else (self.seed + index) % (SEED_RANGE[1] + 1), **own)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Count | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs set to true")
+        return value
+
+    def choices(self) -> list[dict]:
+        messages = [m.wire() for m in self.messages]
+        # Left out, max_tokens is the worker's to choose: what the model's context leaves, within a bound.
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return [{"messages": messages, "params": self.sampling(i, max_tokens=max_tokens, logprobs=logprobs)}
+                for i in range(self.n)]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _choices_within_limit(cls, prompt, info: ValidationInfo):
+        if len(cls.each_prompt(prompt)) * info.data.get("n", 1) > MAX_CHOICES:
+            raise ValueError(f"a request may ask for at most {MAX_CHOICES} choices (prompts x n)")
+        return prompt
+
+    @staticmethod
+    def each_prompt(prompt) -> list[str | list[int]]:
+        """A string or a list of token ids is one prompt; other lists are lists of prompts."""
+        return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+
+    def choices(self) -> list[dict]:
+        """n choices per prompt, prompt by prompt, as OpenAI numbers them."""
+        own = {"max_tokens": self.max_tokens or COMPLETION_MAX_TOKENS, "echo": self.echo, "logprobs": self.logprobs}
+        return [{"prompt": prompt, "params": self.sampling(i, **own)}
+                for prompt in self.each_prompt(self.prompt) for i in range(self.n)]

@@ -1,0 +1,218 @@
+"""A transformers causal LM, run one batch at a time: HFRunner.
+
+The engine asks it for what the model's tokenizer knows (chat template, encoding, decoding,
+token bytes, stop tokens, vocabulary size, context window, the model's own sampling defaults)
+and hands `run()` each step's Batch from the scheduler; `run()` returns one token per
+sequence, and its logprobs where asked, in the batch's order.
+
+Every running sequence is a row of one left-padded KV cache, in the batch's order. A step
+first drops the rows the batch did not keep, trimming padding columns that no row needs any
+more; it decodes the kept rows in one forward pass, prefills the new sequences together in
+a second one, and appends their rows (both sides padded on the left to the same length).
+Explicit position ids keep every row's positions its own, so a row computes what it would
+compute alone. The KV of the chat template's shared preamble is computed once and reused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from zmqchat.engine.sampler import sample, seeded_generator
+from zmqchat.engine.scheduler import Batch
+from zmqchat.engine.sequence import Sequence
+from zmqchat.models import LoadedModel, cache_argument
+from zmqchat.protocol import ChatMessage, ErrorCode, JobError
+
+# End-of-turn markers of common chat templates; any that is a single token ends a sequence.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+class HFRunner:
+    def __init__(self, loaded: LoadedModel, max_tokens_in_flight: int | None = None):
+        self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
+        self.model_name = loaded.name
+        config = self.model.config
+        self.context_window = int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+        self.token_budget = max_tokens_in_flight or default_token_budget(self.model, self.device)
+        self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+        self.stop_token_ids = self._stop_token_ids()
+        generation = self.model.generation_config
+        # The model's own temperature and top_p, where its authors chose how it should sample.
+        self.sampling_defaults = {"temperature": generation.temperature, "top_p": generation.top_p} \
+            if generation.do_sample else {}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.cache_arg = cache_argument(self.model)
+        forward_args = inspect.signature(self.model.forward).parameters
+        self.last_logit_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
+        self.preamble = self._shared_preamble()
+        self.preamble_kv = None  # per layer (keys, values) of the preamble, computed on first use
+        # Per row of the batch, in its order:
+        self.cache = None  # the KV cache
+        self.mask = None  # [rows, length]: 1 where a row has a real token, 0 for left padding
+        self.generators: list = []  # each row's own random stream, or None
+
+    # -- the tokenizer --------------------------------------------------------------------------
+
+    def _stop_token_ids(self) -> set[int]:
+        ids = set()
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return ids
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises for conversations a template forbids
+            raise JobError(ErrorCode.INVALID_REQUEST,
+                           f"the model's chat template refused the messages: {exc}") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids  # with the BOS token, where the model wants one
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @cached_property
+    def _byte_decoder(self) -> dict[str, int]:
+        """Byte-level BPE (GPT-2's and most since) spells each byte as one character."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+        return {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else {}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self._byte_decoder and all(char in self._byte_decoder for char in piece):
+            return bytes(self._byte_decoder[char] for char in piece)
+        if fallback := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
+            return bytes([int(fallback.group(1), 16)])
+        return self.tokenizer.decode([token_id]).encode()
+
+    def _shared_preamble(self) -> list[int]:
+        """The tokens every conversation opening with a user message starts with (a chat
+        template's default system prompt, say). Their KV is computed once and reused by every
+        prompt that starts with exactly these tokens, which is most of a short prompt's prefill."""
+        try:
+            a, b = (self.encode_chat([ChatMessage("user", c)]) for c in ("a", "b"))
+        except JobError:
+            return []
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:common]
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
+        """One step of `batch`: each sequence's next token, and its logprobs (see
+        sampler.token_logprobs), in the batch's order."""
+        with torch.inference_mode():
+            self._keep_rows(batch.kept)
+            logits = [self._decode(batch.decoding)] if batch.kept else []
+            if batch.new:
+                logits.append(self._prefill(batch.new))
+            if not logits:
+                return [], []
+            return sample(torch.cat(logits), batch.sequences, self.generators)
+
+    def _forward(self, input_ids, mask, positions, cache):
+        """Logits of each row's last position."""
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_arg: cache}, **self.last_logit_only)
+        return out.logits[:, -1]
+
+    def _decode(self, seqs: list[Sequence]):
+        last = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        positions = self.mask.sum(-1, keepdim=True) - 1
+        return self._forward(last, self.mask, positions, self.cache)
+
+    def _prefill(self, new: list[Sequence]):
+        """Prefill the new sequences together and append their rows. Each row of their cache
+        is [preamble][padding][rest of the prompt]; rows whose prompt does not start with the
+        preamble mask it out."""
+        n = len(self.preamble)
+        reused = [n > 0 and len(s.prompt_ids) > n and s.prompt_ids[:n] == self.preamble for s in new]
+        if not any(reused):
+            n = 0
+        tails = [s.prompt_ids[n:] if r else s.prompt_ids for s, r in zip(new, reused)]
+        width = max(map(len, tails))
+        ids = torch.tensor([[self.pad_id] * (width - len(t)) + t for t in tails], device=self.device)
+        mask = torch.tensor([[int(r)] * n + [0] * (width - len(t)) + [1] * len(t) for t, r in zip(tails, reused)],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
+        cache = DynamicCache()
+        if n:
+            for layer, (keys, values) in enumerate(self._preamble_kv()):
+                cache.update(keys.expand(len(new), -1, -1, -1), values.expand(len(new), -1, -1, -1), layer)
+        logits = self._forward(ids, mask, positions, cache)
+        self._append_rows(cache, mask)
+        self.generators += [seeded_generator(s.params.seed, self.device) for s in new]
+        return logits
+
+    def _preamble_kv(self) -> list:
+        if self.preamble_kv is None:
+            cache = DynamicCache()
+            ids = torch.tensor([self.preamble], device=self.device)
+            self._forward(ids, torch.ones_like(ids), None, cache)
+            self.preamble_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return self.preamble_kv
+
+    def _append_rows(self, cache, mask) -> None:
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+
+    def _keep_rows(self, kept: list[int]) -> None:
+        """Drop every row but those `kept`; an empty batch releases the cache's memory."""
+        if not kept:
+            self.cache = self.mask = None
+            self.generators = []
+            return
+        if len(kept) == self.mask.shape[0]:
+            return
+        self.generators = [self.generators[i] for i in kept]
+        index = torch.tensor(kept, device=self.device)
+        # Columns of padding on every remaining row are dead weight in each attention.
+        trim = int((self.mask[index] == 0).all(0).long().cumprod(0).sum())
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, trim:]
+            layer.values = layer.values[index, :, trim:]
+        self.mask = self.mask[index, trim:]
+
+
+def _pad_left(tensor, width: int):
+    """Left-pad the sequence axis (dim -2 of a KV tensor, dim -1 of a mask) to `width`."""
+    if tensor.dim() == 2:
+        return F.pad(tensor, (width - tensor.shape[-1], 0))
+    return F.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+
+
+def default_token_budget(model, device: str) -> int:
+    """Tokens of KV cache that fit in half the memory free on `device` after loading."""
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    bytes_per_token = 2 * layers * kv_heads * head_dim * model.dtype.itemsize
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1024, int(free * 0.5 / bytes_per_token))

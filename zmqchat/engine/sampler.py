@@ -1,0 +1,117 @@
+"""The next token of each row of a batch's logits, and its logprobs.
+
+The model runner hands over one step's logits (a row per sequence, in the batch's order) and
+the sequences; out come token ids and, for the sequences that asked, logprobs. Penalties
+first, then greedy decoding at temperature 0, otherwise sampling from the tempered
+distribution cut to top_k and top_p, with a sequence's own generator where it asked for a seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zmqchat.engine.sequence import Sequence
+from zmqchat.protocol import SamplingParams
+
+GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
+NUCLEUS_CANDIDATES = (64, 1024)  # likeliest tokens looked at for top_p, before sorting a whole vocabulary
+
+
+def sample(logits, seqs: list[Sequence], generators: list) -> tuple[list[int], list]:
+    """Each sequence's next token from its row of `logits`, and its logprobs where it asked
+    (see `token_logprobs`). `generators`: each row's own, or None."""
+    logits = apply_penalties(logits, seqs)
+    tokens = sample_batch(logits, [s.params for s in seqs], generators)
+    return tokens, token_logprobs(logits, tokens, [s.params.logprobs for s in seqs])
+
+
+def seeded_generator(seed: int | None, device) -> torch.Generator | None:
+    """A sequence's own random stream where it asked for a seed; None shares the global one."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample_batch(logits, params: list[SamplingParams], generators: list) -> list[int]:
+    """The next token of each row: greedy at temperature 0, otherwise nucleus sampling from
+    the tempered distribution, with the row's own generator where it has one."""
+    greedy = logits.argmax(-1)
+    temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
+    sampling = temperatures >= GREEDY_BELOW
+    if not bool(sampling.any()):
+        return greedy.tolist()
+    logits = top_k_only(logits.float(), [p.top_k for p in params])
+    probs = torch.softmax(logits / temperatures.clamp(min=GREEDY_BELOW)[:, None], dim=-1)
+    weights, tokens = nucleus(probs, torch.tensor([p.top_p for p in params], device=logits.device))
+    choice = greedy.clone()
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        choice[shared] = torch.multinomial(weights[shared], 1).squeeze(-1)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            choice[i] = torch.multinomial(weights[i], 1, generator=generator)[0]
+    sampled = choice if tokens is None else tokens.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(sampling, sampled, greedy).tolist()
+
+
+def token_logprobs(logits, tokens: list[int], wanted: list[int | None]) -> list:
+    """Per row, None where `wanted` is None, else the logprob of the row's sampled token and
+    its `wanted` likeliest tokens with theirs: the model's own distribution (after the
+    penalties, before temperature and top_p/top_k), as vLLM reports it."""
+    rows = [i for i, k in enumerate(wanted) if k is not None]
+    result: list = [None] * len(wanted)
+    if not rows:
+        return result
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in rows], device=logits.device))[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(max(wanted[i] for i in rows), dim=-1)
+    for j, i in enumerate(rows):
+        k = wanted[i]
+        result[i] = (chosen[j], list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist())))
+    return result
+
+
+def apply_penalties(logits, seqs: list[Sequence]):
+    """OpenAI's penalties: a token already generated loses presence_penalty once and
+    frequency_penalty for each time it was generated."""
+    rows = [i for i, s in enumerate(seqs) if s.output_ids and (s.params.presence_penalty or s.params.frequency_penalty)]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    for i in rows:
+        params = seqs[i].params
+        counts = torch.bincount(torch.tensor(seqs[i].output_ids, device=logits.device),
+                                minlength=logits.shape[-1])[:logits.shape[-1]].float()
+        logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def top_k_only(logits, top_k: list[int]):
+    """Each row's logits outside its top_k likeliest tokens set to -inf (0: no limit)."""
+    if not any(top_k):
+        return logits
+    widest = min(max(top_k), logits.shape[-1])
+    kth = logits.topk(widest, dim=-1).values  # [rows, widest], descending
+    index = torch.tensor([min(k, widest) - 1 if k else widest - 1 for k in top_k], device=logits.device)
+    threshold = kth.gather(-1, index[:, None])
+    unlimited = torch.tensor([k == 0 for k in top_k], device=logits.device)[:, None]
+    return torch.where(unlimited | (logits >= threshold), logits, torch.full_like(logits, float("-inf")))
+
+
+def nucleus(probs, top_p):
+    """Each row's candidate weights and, where they are not the whole vocabulary in order,
+    their token ids: the smallest set of likeliest tokens whose mass reaches the row's top_p.
+    The top 64, or else the top 1024, tokens nearly always hold that mass (at temperature 1
+    and top_p 0.9 the default model needs a few hundred), and finding them costs far less
+    than sorting the vocabulary every step; only when they do not is it sorted."""
+    if bool((top_p >= 1.0).all()):
+        return probs, None
+    for k in NUCLEUS_CANDIDATES:
+        if k < probs.shape[-1]:
+            weights, tokens = probs.topk(k, dim=-1)
+            if bool(((weights.sum(-1) >= top_p) & (top_p < 1.0)).all()):
+                break
+    else:
+        weights, tokens = probs.sort(dim=-1, descending=True)
+    weights[(weights.cumsum(-1) - weights) >= top_p[:, None]] = 0.0
+    return weights, tokens

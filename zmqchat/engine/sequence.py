@@ -1,0 +1,57 @@
+"""A request's tokens and state, from the engine's `add()` to its last output.
+
+A Sequence is built by the engine from a protocol.Submit: its prompt tokens, its sampling
+parameters resolved with the model's own defaults, and the most tokens it may generate. The
+runner appends nothing to it: the detokeniser appends each sampled token, with the text it
+makes, and the pending logprobs that leave with that text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from zmqchat.engine.detokenizer import DETOKENIZER_CONTEXT
+from zmqchat.protocol import SamplingParams, Submit, TokenLogprob
+
+
+def resolve(params: SamplingParams, defaults: dict) -> SamplingParams:
+    """`params` with temperature and top_p set: the request's, else the model's own
+    (`defaults`, from its generation config), else 1.0."""
+    def pick(name: str) -> float:
+        asked = getattr(params, name)
+        return float(asked if asked is not None else defaults.get(name, 1.0))
+
+    return msgspec.structs.replace(params, temperature=pick("temperature"), top_p=pick("top_p"))
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams  # resolved: temperature and top_p are numbers
+    max_tokens: int
+    job: Submit | None = None  # what the client sent (the fake runner answers its last user message)
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    # The detokeniser's state.
+    text: str = ""  # output decoded so far
+    sent: int = 0  # characters of `text` already handed out
+    # Its window over output_ids, as vLLM and TGI keep it; negative offsets reach back into
+    # the prompt's last tokens.
+    prefix_offset: int = 0
+    read_offset: int = 0
+    # Logprobs not yet handed out: (start, end) of the token's text in `text`, and its entry.
+    logprobs: list[tuple[int, int, TokenLogprob]] = field(default_factory=list)
+    # Echo: the prompt's text, sent before the first output, which logprob offsets count in.
+    pending_echo: str = ""
+    echo_length: int = 0
+
+    def __post_init__(self):
+        self.prefix_offset = -min(DETOKENIZER_CONTEXT, len(self.prompt_ids))
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most cache this sequence may need: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.max_tokens
