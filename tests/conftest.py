@@ -16,10 +16,15 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+import zmq
 
+from zmqchat import protocol as p
+from zmqchat.broker import Broker
 from zmqchat.client import BrokerError, fetch_status
+from zmqchat.config import BrokerConfig
 
 START_TIMEOUT = 120.0  # seconds for a part to come up (a real model loads in a few)
+RECV_TIMEOUT = 5.0  # seconds a test peer waits for a message
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
@@ -185,3 +190,51 @@ class Relay:
     def close(self) -> None:
         self.closed = True
         self.listener.close()
+
+
+class Peer:
+    """A DEALER speaking zmqchat, standing in for a worker or a frontend."""
+
+    def __init__(self, context: zmq.Context, address: str):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+
+    def send(self, message: p.Message) -> None:
+        self.socket.send_multipart(p.encode(message))
+
+    def recv(self, timeout: float = RECV_TIMEOUT, skip=(p.Heartbeat,), beat: bool = False):
+        """The next message not of a type in `skip`; with `beat`, heartbeat while waiting, as a live worker does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if beat:
+                self.send(p.Heartbeat())
+            if self.socket.poll(200):
+                message = p.decode(self.socket.recv_multipart())
+                if not isinstance(message, skip):
+                    return message
+        return None
+
+
+class Running:
+    """A broker on its own thread and a private context, and the peers of one test."""
+
+    def __init__(self, **config):
+        self.context = zmq.Context()
+        self.config = BrokerConfig(frontend=f"tcp://127.0.0.1:{free_port()}",
+                                   backend=f"tcp://127.0.0.1:{free_port()}", **config)
+        self.broker = Broker(self.config, self.context)
+        self.thread = threading.Thread(target=self.broker.run, daemon=True)
+        self.thread.start()
+
+    def __call__(self, kind: str) -> Peer:
+        return Peer(self.context, self.config.frontend if kind == "frontend" else self.config.backend)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(timeout=5)
+        self.context.destroy(linger=0)

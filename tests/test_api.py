@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
-from conftest import chat, wait_for
+from conftest import chat, free_port, wait_for
 
 LONG = " ".join(f"w{i}" for i in range(200))
 
@@ -114,6 +116,40 @@ def test_invalid_requests_get_400_in_openai_shape(api, payload, param):
     assert_openai_error(api.post("/v1/chat/completions", json=payload), 400, param)
 
 
+@pytest.mark.parametrize("path,payload,param", [
+    ("/v1/chat/completions", chat(max_tokens=True), "max_tokens"),
+    ("/v1/chat/completions", chat(max_tokens="5"), "max_tokens"),
+    ("/v1/chat/completions", chat(max_tokens=5.0), "max_tokens"),
+    ("/v1/chat/completions", chat(max_completion_tokens=False), "max_completion_tokens"),
+    ("/v1/chat/completions", chat(n=True), "n"),
+    ("/v1/chat/completions", chat(seed=True), "seed"),
+    ("/v1/chat/completions", chat(top_k="5"), "top_k"),
+    ("/v1/chat/completions", chat(stream="yes"), "stream"),
+    ("/v1/chat/completions", chat(stream=1), "stream"),
+    ("/v1/chat/completions", chat(stream=True, stream_options={"include_usage": "yes"}),
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", chat(temperature=True), "temperature"),
+    ("/v1/chat/completions", chat(temperature="0.5"), "temperature"),
+    ("/v1/chat/completions", chat(presence_penalty=False), "presence_penalty"),
+    ("/v1/chat/completions", chat(logprobs=1), "logprobs"),
+    ("/v1/chat/completions", chat(logprobs=True, top_logprobs=True), "top_logprobs"),
+    ("/v1/chat/completions", chat(ignore_eos="true"), "ignore_eos"),
+    ("/v1/completions", {"model": "fake", "prompt": "x", "echo": "true"}, "echo"),
+    ("/v1/completions", {"model": "fake", "prompt": "x", "logprobs": True}, "logprobs"),
+])
+def test_a_value_of_the_wrong_json_type_gets_400(api, path, payload, param):
+    assert_openai_error(api.post(path, json=payload), 400, param)
+
+
+def test_what_openai_takes_is_taken(api):
+    # An integer for a number, text parts for content, null for any optional parameter.
+    body = chat(content=[{"type": "text", "text": "a b"}], temperature=1, top_p=1, presence_penalty=0,
+                max_tokens=None, seed=None, stop=None, n=None, stream=None, logprobs=None, user=None)
+    reply = api.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "a b"
+
+
 def test_malformed_json_gets_400(api):
     response = api.post("/v1/chat/completions", content=b'{"model": "fake", "messages": [',
                         headers={"content-type": "application/json"})
@@ -183,6 +219,65 @@ def test_api_keys_guard_every_v1_route_but_not_health(cluster):
     ok = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers={"Authorization": "bearer sesame"})
     assert ok.status_code == 200  # the scheme's case does not matter (RFC 7235)
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_with_api_keys_metrics_and_docs_need_a_key_too(cluster):
+    cluster.broker()
+    cluster.api("--api-key", "sesame")
+    key = {"Authorization": "Bearer sesame"}
+    for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+        assert_openai_error(httpx.get(f"{cluster.url}{path}"), 401)
+        assert httpx.get(f"{cluster.url}{path}", headers=key).status_code == 200, path
+    for path in ("/health", "/", "/web/app.js"):  # the chat page asks for the key itself
+        assert httpx.get(f"{cluster.url}{path}").status_code == 200, path
+
+
+def test_public_metrics_opens_metrics_but_not_the_docs(cluster):
+    cluster.broker()
+    cluster.api("--api-key", "sesame", "--public-metrics")
+    assert httpx.get(f"{cluster.url}/metrics").status_code == 200
+    assert_openai_error(httpx.get(f"{cluster.url}/docs"), 401)
+    assert_openai_error(httpx.get(f"{cluster.url}/v1/models"), 401)
+
+
+def test_without_api_keys_metrics_and_docs_are_open(api):
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        assert api.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example",
+                                  "localhost.evil.example", "10.0.0.1"])
+def test_on_loopback_a_foreign_host_header_is_refused(api, host):
+    # DNS rebinding: a web page's own name, pointed at 127.0.0.1, is the Host its requests carry.
+    for path in ("/v1/models", "/health"):
+        error = assert_openai_error(api.get(path, headers={"Host": host}), 421)
+        assert error["code"] == "misdirected_request"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "localhost", "127.0.0.2", "[::1]:{port}"])
+def test_on_loopback_a_loopback_host_header_is_served(api, host):
+    port = api.base_url.port
+    assert api.get("/v1/models", headers={"Host": host.format(port=port)}).status_code == 200
+
+
+def test_an_api_without_keys_refuses_to_listen_off_loopback(cluster):
+    part = cluster.api("--host", "0.0.0.0", wait=False)
+    assert part.process.wait(60) != 0
+    assert "--insecure" in part.output() and "0.0.0.0" in part.output()
+
+
+def test_serve_without_keys_refuses_to_listen_off_loopback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "zmqchat", "serve", "--fake", "--host", "0.0.0.0",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0 and "--insecure" in done.stderr, done.stderr
+
+
+def test_insecure_listens_off_loopback_with_a_warning(cluster):
+    cluster.broker()
+    part = cluster.api("--host", "0.0.0.0", "--insecure")
+    assert httpx.get(f"{cluster.url}/health").status_code == 200
+    warnings = [line for line in part.output().splitlines() if "WARNING" in line and "0.0.0.0" in line]
+    assert warnings and "API key" in warnings[0], part.output()
 
 
 def test_client_leaving_mid_stream_frees_the_slot_within_one_step(cluster):

@@ -3,69 +3,15 @@ by test peers speaking the protocol."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import msgspec
 import pytest
-import zmq
-from conftest import free_port
+from conftest import RECV_TIMEOUT, Peer, Running, free_port, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zmqchat import protocol as p
-from zmqchat.broker import Broker
-from zmqchat.config import BrokerConfig
-
-RECV_TIMEOUT = 5.0
-
-
-class Peer:
-    """A DEALER speaking zmqchat, standing in for a worker or a frontend."""
-
-    def __init__(self, context: zmq.Context, address: str):
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
-
-    def send(self, message: p.Message) -> None:
-        self.socket.send_multipart(p.encode(message))
-
-    def recv(self, timeout: float = RECV_TIMEOUT, skip=(p.Heartbeat,), beat: bool = False):
-        """The next message not of a type in `skip`; with `beat`, heartbeat while waiting, as a live worker does."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if beat:
-                self.send(p.Heartbeat())
-            if self.socket.poll(200):
-                message = p.decode(self.socket.recv_multipart())
-                if not isinstance(message, skip):
-                    return message
-        return None
-
-
-class Running:
-    """A broker on its own thread and a private context, and the peers of one test."""
-
-    def __init__(self, **config):
-        self.context = zmq.Context()
-        self.config = BrokerConfig(frontend=f"tcp://127.0.0.1:{free_port()}",
-                                   backend=f"tcp://127.0.0.1:{free_port()}", **config)
-        self.broker = Broker(self.config, self.context)
-        self.thread = threading.Thread(target=self.broker.run, daemon=True)
-        self.thread.start()
-
-    def __call__(self, kind: str) -> Peer:
-        return Peer(self.context, self.config.frontend if kind == "frontend" else self.config.backend)
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def stop(self) -> None:
-        self.broker.stop()
-        self.thread.join(timeout=5)
-        self.context.destroy(linger=0)
 
 
 @pytest.fixture
@@ -340,3 +286,82 @@ def test_after_the_fuzz_the_broker_is_alive_its_slot_free_and_a_request_succeeds
     assert worker.recv(beat=True).id == "after-the-fuzz"
     worker.send(p.Step([output("after-the-fuzz", "fine", "stop")]))
     assert frontend.recv() == p.Step([output("after-the-fuzz", "fine", "stop")])
+
+
+def test_queued_jobs_of_a_model_whose_last_worker_left_fail_after_the_grace(broker):
+    peer = broker(no_worker_grace=1.0)
+    worker, frontend = peer("worker"), peer("frontend")
+    ready(worker, slots=1)
+    wait_for_workers(frontend, 1)
+    for job_id in ("running", "queued-1", "queued-2"):
+        submit(frontend, job_id)
+    assert worker.recv().id == "running"
+    worker.send(p.Disconnect("crashed"))  # "running" had no output: it is queued again too
+    submit(frontend, "during-the-grace")  # a replacement may be starting: it waits with the rest
+    errors = [frontend.recv(timeout=3.0, beat=True) for _ in range(4)]
+    assert sorted(e.id for e in errors) == ["during-the-grace", "queued-1", "queued-2", "running"]
+    assert {e.code for e in errors} == {p.ErrorCode.NO_WORKER}
+    assert status(frontend).models == {}
+
+
+def test_a_replacement_worker_within_the_grace_takes_the_queued_jobs(broker):
+    peer = broker(no_worker_grace=5.0)
+    old, frontend = peer("worker"), peer("frontend")
+    ready(old, slots=1, worker_id="old")
+    wait_for_workers(frontend, 1)
+    submit(frontend, "j1")
+    assert old.recv().id == "j1"
+    old.send(p.Disconnect("crashed"))
+    new = peer("worker")
+    ready(new, slots=1, worker_id="new")
+    assert new.recv().id == "j1"
+
+
+def test_a_worker_holding_a_job_past_its_deadline_is_presumed_stuck(broker):
+    peer = broker()
+    stuck, frontend = peer("worker"), peer("frontend")
+    ready(stuck, slots=4, worker_id="stuck")
+    wait_for_workers(frontend, 1)
+    submit(frontend, "forgotten", timeout=0.5)
+    assert stuck.recv().id == "forgotten"
+    error = frontend.recv(beat=False)
+    assert (error.id, error.code) == ("forgotten", p.ErrorCode.TIMEOUT)
+    assert stuck.recv(beat=True) == p.Cancel(["forgotten"])
+    healthy = peer("worker")
+    ready(healthy, slots=1, worker_id="healthy")
+    wait_for_workers(frontend, 2)
+    submit(frontend, "next")  # the stuck worker has more free slots, but gets nothing more
+    assert healthy.recv(beat=True).id == "next"
+    stuck.send(p.Step([output("forgotten", "", "cancelled", (1, 0))]))  # it proves it is alive
+    healthy.send(p.Step([output("next", "ok", "stop")]))
+    assert frontend.recv().outputs[0].id == "next"
+    submit(frontend, "after")
+    assert stuck.recv(beat=True).id == "after"
+
+
+@pytest.mark.parametrize("args,refused", [
+    (["--frontend", "tcp://0.0.0.0:{port}"], True),
+    (["--backend", "tcp://*:{port}"], True),
+    (["--backend", "tcp://*:{port}", "--insecure"], False),
+    (["--frontend", "tcp://localhost:{port}"], False),
+])
+def test_a_broker_beyond_loopback_without_curve_needs_insecure(cluster, args, refused):
+    part = cluster.spawn("broker", "broker", *[a.format(port=free_port()) for a in args])
+    if refused:
+        assert part.process.wait(timeout=30) != 0
+        assert "refusing to expose the broker" in part.output()
+    else:
+        wait_for(lambda: "broker up" in part.output(), 30, "the broker to start")
+        assert ("INSECURE" in part.output()) == ("--insecure" in args)
+
+
+def test_a_message_over_the_size_limit_is_never_read(broker):
+    peer = broker()
+    worker, frontend = peer("worker"), peer("frontend")
+    ready(worker)
+    wait_for_workers(frontend, 1)
+    huge = p.Submit(id="huge", model="m", timeout=30.0, prompt="x" * (p.MAX_BODY_BYTES + 1))
+    frontend.socket.send_multipart(p.encode(huge))  # the broker drops the connection, unread
+    assert worker.recv(timeout=1.0, beat=True) is None
+    submit(frontend, "small")  # the frontend's socket reconnects by itself
+    assert worker.recv(beat=True).id == "small"

@@ -20,6 +20,11 @@ def completion(job_id: str, prompt: str | list[int], **params) -> Submit:
     return Submit(job_id, "m", 30.0, SamplingParams(**params), prompt=prompt)
 
 
+def submit(engine: Engine, job: Submit) -> None:
+    """What the worker does with a job: prepare it (on its own thread there), then add it."""
+    engine.add(engine.prepare(job))
+
+
 def collect(results: dict[str, dict], outputs: list[Output]) -> None:
     """Add one step's outputs to `results`: per id, the text, finish reason and usage, and the
     logprob entries of a sequence that asked for them."""
@@ -42,9 +47,9 @@ def run_to_end(engine: Engine, max_steps: int = 500) -> dict[str, dict]:
     raise AssertionError("the engine never went idle")
 
 
-def refused(engine: Engine, submit: Submit) -> JobError:
+def refused(engine: Engine, job: Submit) -> JobError:
     with pytest.raises(JobError) as info:
-        engine.add(submit)
+        submit(engine, job)
     return info.value
 
 
@@ -61,10 +66,10 @@ def test_importing_the_engine_does_not_load_torch():
 
 
 def test_sequences_join_and_leave_a_running_batch(fake):
-    fake.add(job("long", "a b c d e f"))
+    submit(fake, job("long", "a b c d e f"))
     fake.step()
     fake.step()
-    fake.add(job("short", "x y"))  # joins while "long" is mid-way
+    submit(fake, job("short", "x y"))  # joins while "long" is mid-way
     assert [o.id for o in fake.step()] == ["long", "short"]
     assert [o.id for o in fake.step() if o.finish] == []
     done = [o for o in fake.step() if o.finish]  # "short" has said both words: its end-of-sequence step
@@ -78,40 +83,40 @@ def test_idle_engine_steps_to_nothing(fake):
 
 def test_a_chat_counts_every_word_of_every_message(fake):
     messages = [ChatMessage("system", "be brief"), ChatMessage("user", "say a b c"), ChatMessage("assistant", "ok")]
-    fake.add(Submit("m", "m", 30.0, messages=messages))
+    submit(fake, Submit("m", "m", 30.0, messages=messages))
     result = run_to_end(fake)["m"]
     assert result == {"text": "say a b c", "reason": "stop", "usage": (7, 5)}  # 4 words + end-of-sequence
 
 
 def test_stop_string_split_across_tokens_is_never_sent(fake):
-    fake.add(job("s", "one two END three", stop=("two EN",)))
+    submit(fake, job("s", "one two END three", stop=("two EN",)))
     assert run_to_end(fake)["s"] == {"text": "one ", "reason": "stop", "usage": (4, 3)}
 
 
 def test_text_that_only_looks_like_a_stop_string_is_released(fake):
-    fake.add(job("s", "tw two- tw", stop=("two-x",)))
+    submit(fake, job("s", "tw two- tw", stop=("two-x",)))
     assert run_to_end(fake)["s"]["text"] == "tw two- tw"
 
 
 def test_max_tokens_gives_length(fake):
-    fake.add(job("m", "a b c d", max_tokens=2))
+    submit(fake, job("m", "a b c d", max_tokens=2))
     assert run_to_end(fake)["m"] == {"text": "a b ", "reason": "length", "usage": (4, 2)}
 
 
 def test_ignore_eos_runs_to_max_tokens(fake):
-    fake.add(job("e", "two words", max_tokens=5, ignore_eos=True))
+    submit(fake, job("e", "two words", max_tokens=5, ignore_eos=True))
     result = run_to_end(fake)["e"]
     assert result["reason"] == "length" and result["usage"] == (2, 5)
 
 
 def test_a_request_without_max_tokens_is_bounded():
     engine = Engine(FakeRunner(context_window=100_000))
-    engine.add(job("unbounded", "hi"))
+    submit(engine, job("unbounded", "hi"))
     assert engine.scheduler.get("unbounded").max_tokens == DEFAULT_MAX_TOKENS
 
 
 def test_cancel_removes_the_sequence_and_confirms(fake):
-    fake.add(job("c", "a b c"))
+    submit(fake, job("c", "a b c"))
     fake.step()
     assert fake.cancel("c") == Output("c", "", None, "cancelled", Usage(3, 1))
     assert not fake.has_work and fake.cancel("c") is None
@@ -121,8 +126,8 @@ def test_a_waiting_sequence_can_be_cancelled():
     runner = FakeRunner()
     runner.token_budget = 10  # one job of 2 + 4 tokens fits; two, padded to 2 x 6, do not
     engine = Engine(runner)
-    engine.add(job("run", "a b", max_tokens=4))
-    engine.add(job("wait", "c d", max_tokens=4))
+    submit(engine, job("run", "a b", max_tokens=4))
+    submit(engine, job("wait", "c d", max_tokens=4))
     engine.step()
     assert [s.id for s in engine.scheduler.waiting] == ["wait"]
     assert engine.cancel("wait").usage.completion_tokens == 0
@@ -142,7 +147,7 @@ def test_prompt_plus_max_tokens_beyond_the_window_is_refused_with_the_numbers():
     assert error.code == ErrorCode.CONTEXT_LENGTH
     assert error.message == ("This model's maximum context length is 10 tokens. However, you requested 13 tokens "
                              "(3 in the prompt, 10 for the completion). Please reduce the prompt or max_tokens.")
-    engine.add(job("fits", "one two three", max_tokens=7))
+    submit(engine, job("fits", "one two three", max_tokens=7))
 
 
 def test_a_job_over_the_token_budget_is_refused():
@@ -153,7 +158,7 @@ def test_a_job_over_the_token_budget_is_refused():
 
 
 def test_logprobs_leave_with_their_text_and_never_for_a_stop_string(fake):
-    fake.add(job("s", "one two END three", stop=("two EN",), logprobs=2))
+    submit(fake, job("s", "one two END three", stop=("two EN",), logprobs=2))
     result = run_to_end(fake)["s"]
     assert result["text"] == "one "
     [entry] = result["logprobs"]
@@ -162,21 +167,21 @@ def test_logprobs_leave_with_their_text_and_never_for_a_stop_string(fake):
 
 
 def test_logprobs_cover_every_token_of_a_reply_in_order(fake):
-    fake.add(job("l", "a bb ccc", logprobs=0))
+    submit(fake, job("l", "a bb ccc", logprobs=0))
     entries = run_to_end(fake)["l"]["logprobs"]
     assert [e.token for e in entries] == ["a ", "bb ", "ccc"]  # no entry for end-of-sequence
     assert [e.offset for e in entries] == [0, 2, 5] and all(e.top == [] for e in entries)
 
 
 def test_no_logprobs_unless_asked(fake):
-    fake.add(job("n", "a b"))
-    fake.add(job("y", "a b", logprobs=0))
+    submit(fake, job("n", "a b"))
+    submit(fake, job("y", "a b", logprobs=0))
     outputs = fake.step()
     assert [o.logprobs is None for o in outputs] == [True, False]
 
 
 def test_a_completion_echoes_its_prompt_before_the_output(fake):
-    fake.add(completion("e", "say this", echo=True, logprobs=0))
+    submit(fake, completion("e", "say this", echo=True, logprobs=0))
     result = run_to_end(fake)["e"]
     assert result["text"] == "say thissay this"
     assert [e.offset for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
@@ -184,7 +189,7 @@ def test_a_completion_echoes_its_prompt_before_the_output(fake):
 
 def test_a_prompt_of_token_ids_is_checked_against_the_vocabulary(fake):
     ids = fake.runner.encode_text("red green blue")
-    fake.add(completion("ids", ids, echo=True))
+    submit(fake, completion("ids", ids, echo=True))
     assert run_to_end(fake)["ids"]["text"] == "red green bluered green blue"
     for bad in ([], [fake.runner.vocab_size]):
         error = refused(fake, completion("bad", bad))
@@ -197,12 +202,12 @@ def test_a_prompt_without_text_is_refused(fake):
 
 def test_a_full_engine_refuses_more_work():
     engine = Engine(FakeRunner(), slots=1)
-    engine.add(job("a", "x"))
+    submit(engine, job("a", "x"))
     assert refused(engine, job("b", "y")).code == ErrorCode.OVERLOADED
 
 
 def test_a_running_id_is_refused(fake):
-    fake.add(job("a", "x"))
+    submit(fake, job("a", "x"))
     error = refused(fake, job("a", "y"))
     assert error.code == ErrorCode.INVALID_REQUEST and "already running" in error.message
 
@@ -212,7 +217,7 @@ def test_the_fake_takes_its_delay_once_per_step_whatever_the_batch():
 
     engine = Engine(FakeRunner(delay=0.05))
     for i in range(8):
-        engine.add(job(f"j{i}", "a"))
+        submit(engine, job(f"j{i}", "a"))
     start = time.monotonic()
     engine.step()
     assert 0.05 <= time.monotonic() - start < 0.05 * 3
@@ -231,7 +236,7 @@ def smol() -> Engine:
 def greedy_alone(engine: Engine, prompts: dict[str, str], max_tokens: int) -> dict[str, dict]:
     results = {}
     for job_id, prompt in prompts.items():
-        engine.add(job(job_id, prompt, temperature=0, max_tokens=max_tokens))
+        submit(engine, job(job_id, prompt, temperature=0, max_tokens=max_tokens))
         results.update(run_to_end(engine))
     return results
 
@@ -253,7 +258,7 @@ def record_tokens(engine: Engine, monkeypatch) -> dict[str, list[int]]:
 
 @pytest.mark.model
 def test_default_model_knows_the_capital_of_france(smol):
-    smol.add(job("q", "What is the capital of France?", temperature=0, max_tokens=20))
+    submit(smol, job("q", "What is the capital of France?", temperature=0, max_tokens=20))
     result = run_to_end(smol)["q"]
     assert "Paris" in result["text"] and result["reason"] == "stop"
     assert result["usage"][1] == len(smol.runner.tokenizer(result["text"]).input_ids) + 1  # + end of turn
@@ -264,7 +269,7 @@ def test_interleaved_greedy_generation_matches_one_at_a_time(smol):
     prompts = {"a": "Name three colours.", "b": "What is 2+2?", "c": "Say hello in French."}
     alone = greedy_alone(smol, prompts, 12)
     for job_id, prompt in prompts.items():
-        smol.add(job(job_id, prompt, temperature=0, max_tokens=12))
+        submit(smol, job(job_id, prompt, temperature=0, max_tokens=12))
     assert run_to_end(smol) == alone
 
 
@@ -276,7 +281,7 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
     tokens = record_tokens(smol, monkeypatch)
     alone = {}
     for job_id, prompt in prompts.items():
-        smol.add(job(job_id, prompt, temperature=0, max_tokens=max_tokens[job_id]))
+        submit(smol, job(job_id, prompt, temperature=0, max_tokens=max_tokens[job_id]))
         alone.update(run_to_end(smol))
     tokens_alone = dict(tokens)
     tokens.clear()
@@ -286,7 +291,7 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
     batch_sizes = []
     for step in range(60):
         for job_id in schedule.get(step, []):
-            smol.add(job(job_id, prompts[job_id], temperature=0, max_tokens=max_tokens[job_id]))
+            submit(smol, job(job_id, prompts[job_id], temperature=0, max_tokens=max_tokens[job_id]))
         if not smol.has_work and step > 9:
             break
         batch_sizes.append(len(smol.scheduler.running) + len(smol.scheduler.waiting))
@@ -298,8 +303,8 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
 
 @pytest.mark.model
 def test_cancelled_sequence_leaves_the_batch_at_the_next_step(smol):
-    smol.add(job("stay", "Tell me a long story.", temperature=0, max_tokens=30))
-    smol.add(job("go", "Tell me another long story.", temperature=0, max_tokens=30))
+    submit(smol, job("stay", "Tell me a long story.", temperature=0, max_tokens=30))
+    submit(smol, job("go", "Tell me another long story.", temperature=0, max_tokens=30))
     smol.step()
     assert smol.runner.mask.shape[0] == 2
     smol.cancel("go")
@@ -317,7 +322,7 @@ def test_batched_greedy_output_matches_transformers_generate(smol):
     prompts = ["What is the capital of France?", "Name a fruit.", "Write one word about the sea.", "用中文说你好"]
     assert runner.preamble  # the shared preamble's KV is reused: this test covers that path too
     for i, prompt in enumerate(prompts):
-        smol.add(job(f"p{i}", prompt, temperature=0, max_tokens=16))
+        submit(smol, job(f"p{i}", prompt, temperature=0, max_tokens=16))
     batched = run_to_end(smol)
     for i, prompt in enumerate(prompts):
         ids = runner.encode_chat([ChatMessage("user", prompt)])
@@ -331,7 +336,7 @@ def test_batched_greedy_output_matches_transformers_generate(smol):
 @pytest.mark.model
 def test_seed_makes_sampling_repeatable(smol):
     def sample(seed: int) -> str:
-        smol.add(job("s", "Write a word.", temperature=1.0, top_p=0.9, seed=seed, max_tokens=8))
+        submit(smol, job("s", "Write a word.", temperature=1.0, top_p=0.9, seed=seed, max_tokens=8))
         return run_to_end(smol)["s"]["text"]
 
     first = sample(7)
@@ -344,7 +349,7 @@ def test_temperature_top_k_and_top_p_shape_the_sampling(smol):
     def texts(**params) -> set[str]:
         found = set()
         for seed in range(6):
-            smol.add(job("t", "Write a word.", max_tokens=6, seed=seed, **params))
+            submit(smol, job("t", "Write a word.", max_tokens=6, seed=seed, **params))
             found.add(run_to_end(smol)["t"]["text"])
         return found
 
@@ -358,7 +363,7 @@ def test_temperature_top_k_and_top_p_shape_the_sampling(smol):
 @pytest.mark.model
 def test_the_models_own_sampling_defaults_apply_when_a_job_sets_none(smol):
     assert smol.runner.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
-    smol.add(job("d", "hi", max_tokens=1))
+    submit(smol, job("d", "hi", max_tokens=1))
     assert (smol.scheduler.get("d").params.temperature, smol.scheduler.get("d").params.top_p) == (0.2, 0.9)
     smol.cancel("d")
 
@@ -368,7 +373,7 @@ def test_frequency_penalty_changes_a_repetitive_greedy_reply(smol):
     prompt = "Repeat the word hello twenty times."
     replies = []
     for penalty in (0.0, 2.0):
-        smol.add(job("r", prompt, temperature=0, max_tokens=24, frequency_penalty=penalty))
+        submit(smol, job("r", prompt, temperature=0, max_tokens=24, frequency_penalty=penalty))
         replies.append(run_to_end(smol)["r"]["text"])
     assert replies[0].lower().count("hello") > replies[1].lower().count("hello")
 
@@ -377,7 +382,7 @@ def test_frequency_penalty_changes_a_repetitive_greedy_reply(smol):
 def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
     import math
 
-    smol.add(job("lp", "What is the capital of France?", temperature=0, max_tokens=12, logprobs=3))
+    submit(smol, job("lp", "What is the capital of France?", temperature=0, max_tokens=12, logprobs=3))
     result = run_to_end(smol)["lp"]
     entries = result["logprobs"]
     assert "".join(e.token for e in entries) == result["text"]
@@ -391,7 +396,7 @@ def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
 @pytest.mark.model
 def test_default_model_completes_raw_text(smol):
     prompt = "The capital of France is"
-    smol.add(completion("c", prompt, temperature=0, max_tokens=8, echo=True))
+    submit(smol, completion("c", prompt, temperature=0, max_tokens=8, echo=True))
     result = run_to_end(smol)["c"]
     assert result["text"].startswith(prompt) and len(result["text"]) > len(prompt)
     assert result["usage"] == (len(smol.runner.tokenizer(prompt).input_ids), 8)
@@ -486,3 +491,26 @@ def test_logprobs_are_the_models_own_distribution():
     chosen, [(top_id, top_lp)] = out[0]
     assert math.isclose(chosen, math.log(0.25), rel_tol=1e-5) and top_id == 1
     assert math.isclose(top_lp, math.log(0.75), rel_tol=1e-5)
+
+
+def test_the_choices_of_one_prompt_are_tokenised_once():
+    runner = FakeRunner()
+    calls = []
+    encode = runner.encode_chat
+    runner.encode_chat = lambda messages: calls.append(messages) or encode(messages)
+    engine = Engine(runner)
+    for i in range(16):
+        submit(engine, job(f"choice-{i}", "the same prompt for every choice"))
+    assert len(calls) == 1
+    assert {r["text"] for r in run_to_end(engine).values()} == {"the same prompt for every choice"}
+
+
+def test_a_prompt_longer_than_the_window_could_hold_is_refused_before_tokenising():
+    runner = FakeRunner(context_window=10)
+    runner.max_token_chars = 3  # so no prompt over 30 characters can fit
+    engine = Engine(runner)
+    error = refused(engine, job("huge", "x " * 16))
+    assert error.code == ErrorCode.CONTEXT_LENGTH and "32 characters" in error.message
+    assert runner.vocab_size == 1  # nothing was tokenised
+    submit(engine, job("fits", "x " * 4))  # 8 characters: tokenised and run
+    assert run_to_end(engine)["fits"]["text"] == "x x x x "

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import httpx
 import pytest
-from conftest import chat, wait_for
+from conftest import Cluster, chat, wait_for
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -92,6 +93,35 @@ def test_hostile_completion_bodies_get_4xx(api, body):
     assert_answered(response)
 
 
+LONE_SURROGATE = "\ud800 x"  # json.dumps sends it as the escape \ud800, which no UTF-8 can hold
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", chat(content=LONE_SURROGATE), "messages.0.content"),
+    ("/v1/chat/completions", chat(content=[{"type": "text", "text": LONE_SURROGATE}]), "messages.0.content.0.text"),
+    ("/v1/chat/completions", chat(stop=LONE_SURROGATE), "stop"),
+    ("/v1/chat/completions", chat(stop=["fine", LONE_SURROGATE]), "stop.1"),
+    ("/v1/chat/completions", chat(model=LONE_SURROGATE), "model"),
+    ("/v1/completions", {"model": "fake", "prompt": LONE_SURROGATE}, "prompt"),
+    ("/v1/completions", {"model": "fake", "prompt": ["fine"] * 7 + [LONE_SURROGATE]}, "prompt.7"),
+])
+def test_a_lone_surrogate_gets_400_naming_its_parameter(api, path, body, param):
+    response = post_raw(api, json.dumps(body).encode(), path=path)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_refused_surrogate_prompts_leave_no_job_behind(cluster, api):
+    # 7 good prompts x 16 choices would reach the broker before the 8th prompt failed to encode.
+    body = json.dumps({"model": "fake", "prompt": ["fine"] * 7 + [LONE_SURROGATE], "n": 16}).encode()
+    for _ in range(10):
+        response = post_raw(api, body, path="/v1/completions")
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt.7", response.text
+    assert_cluster_whole(cluster)
+    assert cluster.status()["models"]["fake"]["queued"] == 0
+    assert api.post("/v1/completions", json={"model": "fake", "prompt": "still here"}).json()["choices"]
+
+
 def test_a_chunked_body_over_the_limit_gets_413(api):
     def chunks():
         for _ in range(100):  # 6.4 MB, with no Content-Length
@@ -104,9 +134,86 @@ def test_a_chunked_body_over_the_limit_gets_413(api):
 def test_a_huge_declared_length_gets_413_before_any_body(cluster):
     # Raw bytes: HTTP clients will not send a Content-Length their body does not match.
     with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as conn:
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 99999999999\r\n\r\n{}")
         assert conn.recv(4096).startswith(b"HTTP/1.1 413 ")
+
+
+# -- slow clients: an API whose clients get a second for their headers and their body ---------
+
+MAX_CONNECTIONS = 5
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("guarded"))
+    try:
+        c.broker()
+        c.worker("--fake-delay", "0.001")
+        c.api("--header-timeout", "1", "--body-timeout", "1", "--max-connections", str(MAX_CONNECTIONS))
+        yield c
+    finally:
+        c.stop()
+
+
+def connect(cluster, sent: bytes = b"") -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", cluster.port), timeout=10)
+    conn.sendall(sent)
+    return conn
+
+
+def read_until_closed(conn: socket.socket, within: float) -> bytes:
+    """What the server sent before it closed `conn`; fails if it is still open after `within` s."""
+    conn.settimeout(within)
+    received = b""
+    try:
+        while chunk := conn.recv(65536):
+            received += chunk
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {within} s (got {received[:60]!r})")
+    return received
+
+
+HALF_THE_HEADERS = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+@pytest.mark.parametrize("sent", [b"", HALF_THE_HEADERS], ids=["silent", "half-the-headers"])
+def test_a_client_slow_with_its_headers_is_cut_off(guarded, sent):
+    with connect(guarded, sent) as conn:
+        started = time.monotonic()
+        assert read_until_closed(conn, 5) == b""
+        assert time.monotonic() - started < 3
+
+
+def test_a_kept_alive_client_slow_with_its_next_headers_is_cut_off(guarded):
+    with connect(guarded, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") as conn:
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+        conn.sendall(HALF_THE_HEADERS)  # the first byte of a request ends the keep-alive wait (75 s)
+        read_until_closed(conn, 5)
+
+
+def test_a_client_slow_with_its_body_gets_408(guarded):
+    headers = HALF_THE_HEADERS + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with connect(guarded, headers + b'{"model": ') as conn:
+        started = time.monotonic()
+        reply = read_until_closed(conn, 5)
+        assert time.monotonic() - started < 3
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in reply, reply
+
+
+def test_connections_over_the_cap_get_503_until_the_slow_ones_are_cut_off(guarded):
+    trickles = [connect(guarded, HALF_THE_HEADERS) for _ in range(MAX_CONNECTIONS)]
+    try:
+        started = time.monotonic()
+        assert httpx.get(f"{guarded.url}/health", timeout=5).status_code == 503
+        assert time.monotonic() - started < 1
+        for conn in trickles:
+            read_until_closed(conn, 5)
+    finally:
+        for conn in trickles:
+            conn.close()
+    reply = httpx.post(f"{guarded.url}/v1/chat/completions", json=chat(), timeout=10)
+    assert reply.status_code == 200, reply.text
 
 
 def test_after_the_hostile_bodies_every_process_lives_and_every_slot_is_free(cluster, api):

@@ -6,6 +6,8 @@ import httpx
 from conftest import chat
 from prometheus_client.parser import text_string_to_metric_families
 
+from zmqchat.api.errors import LOGGED_MESSAGE
+
 
 def scrape(url: str) -> dict:
     """{(sample name, sorted labels): value} from /metrics."""
@@ -30,7 +32,7 @@ def test_metrics_count_what_happened(cluster):
     fake = (("model", "fake"),)
     assert m[("zmqchat:requests_total", (("model", "fake"), ("outcome", "stop")))] == 3
     assert m[("zmqchat:requests_total", (("model", "fake"), ("outcome", "length")))] == 1
-    assert m[("zmqchat:requests_total", (("model", "nope"), ("outcome", "model_not_found")))] == 1
+    assert m[("zmqchat:requests_total", (("model", "unknown"), ("outcome", "model_not_found")))] == 1
     assert m[("zmqchat:prompt_tokens_total", fake)] == sum(u["prompt_tokens"] for u in usage) + 2
     assert m[("zmqchat:generation_tokens_total", fake)] == sum(u["completion_tokens"] for u in usage) + 3
     assert m[("zmqchat:time_to_first_token_seconds_count", fake)] == 4
@@ -42,6 +44,28 @@ def test_metrics_count_what_happened(cluster):
     assert m[("zmqchat:num_requests_running", fake)] == 0
     assert m[("zmqchat:num_requests_waiting", fake)] == 0
     assert m[("zmqchat:broker_up", ())] == 1
+
+
+def test_client_chosen_model_names_are_no_labels(cluster):
+    cluster.broker()
+    cluster.worker()
+    part = cluster.api()
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        assert client.post("/v1/chat/completions", json=chat()).status_code == 200
+        before = len(client.get("/metrics").text)
+        for i in range(300):
+            assert client.post("/v1/chat/completions", json=chat(model=f"no-such-model-{i}")).status_code == 404
+        assert client.post("/v1/chat/completions", json=chat(model="x" * 256)).status_code == 404
+        assert client.post("/v1/chat/completions", json=chat(model="y" * 300)).status_code == 400
+        text = client.get("/metrics").text
+    assert "no-such-model" not in text and "xxx" not in text and "yyy" not in text
+    assert len(text) < before + 1000  # a few series for model="unknown", not 300
+    m = scrape(cluster.url)
+    unknown = lambda outcome: m[("zmqchat:requests_total", (("model", "unknown"), ("outcome", outcome)))]  # noqa: E731
+    assert unknown("model_not_found") == 301 and unknown("invalid_request") == 1
+    assert m[("zmqchat:requests_total", (("model", "fake"), ("outcome", "stop")))] == 1
+    logged = part.output()
+    assert "x" * 40 in logged and "x" * LOGGED_MESSAGE not in logged  # the 256 characters, cut short
 
 
 def test_a_request_id_follows_the_request_through_every_log(cluster):

@@ -29,7 +29,7 @@ import zmq
 
 from zmqchat import protocol as p
 from zmqchat.config import FRONTEND_LIVENESS, BrokerConfig
-from zmqchat.curve import secure_server
+from zmqchat.curve import Gatekeeper, check_exposure
 from zmqchat.policy import make_policy
 from zmqchat.protocol import ErrorCode
 
@@ -52,6 +52,7 @@ class Worker:
     dispatched: int = 0
     done: int = 0
     draining: bool = False  # finishing its jobs; gets no new ones
+    stuck: bool = False  # held a job past its deadline without output; no new jobs until it sends output
 
 
 @dataclass(eq=False)
@@ -75,6 +76,8 @@ class Broker:
         self.serving: dict[str, list[Worker]] = defaultdict(list)  # model -> workers, by worker_id
         self.jobs: dict[str, Job] = {}  # every job the broker is responsible for
         self.queues: dict[str, OrderedDict[str, Job]] = defaultdict(OrderedDict)  # not yet dispatched
+        # Models whose last worker left with jobs queued -> when those jobs give up waiting for a new one.
+        self.orphaned: dict[str, float] = {}
         self.frontends: dict[bytes, float] = {}  # identity -> when it counts as gone
         # One method per command, as the Majordomo broker has; READY comes before a worker is known.
         self.frontend_handlers = {p.Submit: self.submit, p.Cancel: self.cancel,
@@ -87,7 +90,10 @@ class Broker:
         self.broker_id = uuid.uuid4().hex
         self.context = context or zmq.Context.instance()
         self.frontend, self.backend = self._router(), self._router()
-        self.authenticator = secure_server(self.context, [self.frontend, self.backend], config.curve)
+        self.gatekeeper = Gatekeeper(self.context, self.frontend, self.backend, config.curve) if config.curve else None
+        self.reload_keys = False  # set by SIGHUP: read the admitted keys again now
+        self.peer_keys: dict[str, dict[bytes, str]] = {"frontends": {}, "workers": {}}  # role -> identity -> key
+        self.banned: set[bytes] = set()  # connections whose key was revoked
         self.frontend.bind(config.frontend)
         self.backend.bind(config.backend)
 
@@ -96,6 +102,7 @@ class Broker:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 100_000)
         socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES)  # a peer sending more is disconnected, unread
         return socket
 
     # -- the loop ---------------------------------------------------------------------------
@@ -111,33 +118,42 @@ class Broker:
             timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
             events = dict(poller.poll(timeout_ms))
             if self.frontend in events:
-                self._read_all(self.frontend, self.process_frontend, self.frontend_handlers)
+                self._read_all(self.frontend, "frontends", self.process_frontend, self.frontend_handlers)
             if self.backend in events:
-                self._read_all(self.backend, self.process_worker, {p.Ready, *self.worker_handlers})
+                self._read_all(self.backend, "workers", self.process_worker, {p.Ready, *self.worker_handlers})
             now = time.monotonic()
             if now >= next_beat:
                 self.purge_workers(now)
                 self.purge_frontends(now)
                 self.expire_queued(now)
+                self.expire_dispatched(now)
+                self.give_up_orphans(now)
                 self.send_heartbeats()
+                self.check_keys()
                 next_beat = now + self.config.heartbeat_interval
         self.close()
 
     def stop(self, *_) -> None:
         self.running = False
 
+    def hang_up(self, *_) -> None:
+        """SIGHUP: read the admitted CURVE keys again."""
+        self.reload_keys = True
+
     def close(self) -> None:
         self.frontend.close()
         self.backend.close()
-        if self.authenticator is not None:
-            self.authenticator.stop()
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
 
-    def _read_all(self, socket: zmq.Socket, process, accepted) -> None:
+    def _read_all(self, socket: zmq.Socket, role: str, process, accepted) -> None:
         for _ in range(DRAIN_BATCH):
             try:
-                identity, *frames = socket.recv_multipart(zmq.NOBLOCK)
+                identity, *frames = self._receive(socket, role)
             except zmq.Again:
                 return
+            if identity in self.banned:
+                continue  # its key was revoked: it is not heard, and never answered
             try:
                 message = p.decode(frames)
             except p.ProtocolError as exc:
@@ -150,6 +166,15 @@ class Broker:
                 process(identity, message)
             except Exception:  # a bug, not a peer's fault (messages are checked): keep serving
                 log.exception("failed to handle %s from %s", type(message).__name__, identity.hex())
+
+    def _receive(self, socket: zmq.Socket, role: str) -> list[bytes]:
+        """The next message's frames. With CURVE, the sender's public key is noted (ZAP gives
+        it as the message's User-Id) so that revoking it can silence the connection."""
+        if self.gatekeeper is None:
+            return socket.recv_multipart(zmq.NOBLOCK)
+        identity, *frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        self.peer_keys[role].setdefault(identity.bytes, identity.get("User-Id"))
+        return [identity.bytes, *(frame.bytes for frame in frames)]
 
     def _send_frontend(self, identity: bytes, message: p.Message) -> None:
         self.frontend.send_multipart([identity, *p.encode(message)])
@@ -177,7 +202,7 @@ class Broker:
         job = Job(submit.id, frontend, submit.model, p.encode(submit), time.monotonic() + submit.timeout)
         if job.id in self.jobs:
             return self._fail(job, ErrorCode.INVALID_REQUEST, f"request id {job.id} is already in use")
-        if not self.serving.get(job.model):
+        if not self.serving.get(job.model) and job.model not in self.orphaned:
             if self.workers:
                 served = ", ".join(sorted(self.serving))
                 return self._fail(job, ErrorCode.MODEL_NOT_FOUND,
@@ -223,7 +248,7 @@ class Broker:
         """Hand queued jobs of `model` to workers while any has a free slot."""
         queue = self.queues.get(model)
         while queue:
-            candidates = [w for w in self.serving.get(model, ()) if w.free > 0 and not w.draining]
+            candidates = [w for w in self.serving.get(model, ()) if w.free > 0 and not (w.draining or w.stuck)]
             if not candidates:
                 return
             _, job = queue.popitem(last=False)
@@ -255,6 +280,7 @@ class Broker:
         if not self.queues.get(model) and not self.serving.get(model):
             self.queues.pop(model, None)
             self.serving.pop(model, None)
+            self.orphaned.pop(model, None)
 
     # -- workers ------------------------------------------------------------------------------
 
@@ -280,6 +306,7 @@ class Broker:
         for model in models:
             self.serving[model].append(worker)
             self.serving[model].sort(key=lambda w: w.worker_id)
+            self.orphaned.pop(model, None)
         log.info("worker %s joined: models %s, %d slots, %s on %s",
                  worker.worker_id, models, worker.slots, worker.device, worker.host)
         for model in models:
@@ -316,13 +343,19 @@ class Broker:
         log.info("worker %s left (%s); %d jobs requeued", worker.worker_id, reason, requeued)
         for model in worker.models:
             self.dispatch(model)
+            if model not in self.serving and self.queues.get(model):
+                grace = self.config.no_worker_grace
+                log.warning("no worker serves %s any more; its %d queued jobs wait %.0f s for one",
+                            model, len(self.queues[model]), grace)
+                self.orphaned[model] = time.monotonic() + grace
             self._forget_model_if_unused(model)
 
     def worker_step(self, worker: Worker, step: p.Step) -> None:
         """Send each output to the frontend of its job, one STEP per frontend; a finished
         output frees its job's slot."""
         by_frontend: dict[bytes, list[p.Output]] = {}
-        freed = False
+        freed = worker.stuck  # output proves its engine runs: it may take jobs again
+        worker.stuck = False
         for output in step.outputs:
             job = self.jobs.get(output.id)
             if job is None or job.worker is not worker:
@@ -373,14 +406,59 @@ class Broker:
                 self._unqueue(job)
                 self._fail(job, ErrorCode.TIMEOUT, f"no worker for model '{model}' became free before the deadline")
 
+    def expire_dispatched(self, now: float) -> None:
+        """A job its worker held past the deadline without a word of output ends with an error
+        now, and the worker, presumed stuck, gets no more jobs until it sends output again."""
+        for job in [j for j in self.jobs.values() if j.worker and not (j.started or j.cancelled) and j.expires < now]:
+            worker = job.worker
+            if not worker.stuck:
+                log.warning("worker %s holds request %s past its deadline without output: presumed stuck",
+                            worker.worker_id, job.id)
+                worker.stuck = True
+            self._fail(job, ErrorCode.TIMEOUT, f"the worker given this request ({worker.worker_id}) did not "
+                                               "start it before its deadline")
+            job.cancelled = True  # its slot stays taken until the worker confirms the cancel
+            self._send_worker(worker, p.Cancel([job.id]))
+
+    def give_up_orphans(self, now: float) -> None:
+        """Jobs of a model whose last worker left, and none came back in the grace period, fail."""
+        for model in [m for m, deadline in self.orphaned.items() if deadline < now]:
+            for job in list(self.queues.get(model, {}).values()):
+                self._unqueue(job)
+                self._fail(job, ErrorCode.NO_WORKER, f"no worker serves model '{model}' any more")
+
+    def check_keys(self) -> None:
+        """Admit and revoke CURVE keys as the folder changes (or at once on SIGHUP)."""
+        if self.gatekeeper is not None and self.gatekeeper.reload(force=self.reload_keys):
+            for role, keys in self.peer_keys.items():
+                for identity in [i for i, key in keys.items() if key not in self.gatekeeper.admitted[role]]:
+                    self.revoke(role, identity)
+        self.reload_keys = False
+
+    def revoke(self, role: str, identity: bytes) -> None:
+        """Silence a connection whose key is no longer admitted: a worker leaves (its jobs rerun
+        or fail), a frontend's jobs are cancelled. A new connection with the key is refused by ZAP."""
+        del self.peer_keys[role][identity]
+        self.banned.add(identity)
+        log.warning("a %s's CURVE key was revoked: dropping its connection %s", role[:-1], identity.hex())
+        if role == "workers" and identity in self.workers:
+            self.remove_worker(self.workers[identity], "its key was revoked")
+        elif role == "frontends":
+            self.frontends.pop(identity, None)
+            self.cancel(identity, p.Cancel([job.id for job in self.jobs.values() if job.frontend == identity]))
+
     def send_heartbeats(self) -> None:
         for worker in self.workers.values():
             self._send_worker(worker, p.Heartbeat())
 
 
 def run(config: BrokerConfig) -> None:
+    hosts = [address.split("://", 1)[-1].rsplit(":", 1)[0] for address in (config.frontend, config.backend)
+             if address.startswith("tcp://")]
+    check_exposure("the broker", hosts, protected=config.curve is not None, insecure=config.insecure)
     broker = Broker(config)
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)
+    signal.signal(signal.SIGHUP, broker.hang_up)
     broker.run()
     log.info("broker stopped")

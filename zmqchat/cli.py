@@ -54,10 +54,42 @@ def set_log_level(ctx: click.Context, param, value: str) -> str:
 log_level_option = click.option("--log-level", type=LOG_LEVELS, default=c.LOG_LEVEL, callback=set_log_level,
                                 is_eager=True, help="Least severe log level printed.")
 api_key_option = click.option("--api-key", "api_keys", multiple=True,
-                              help="Require this Bearer key on /v1 routes (repeatable).")
+                              help="Require this Bearer key on every route but /, /web/ and /health (repeatable).")
 api_key_file_option = click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                                    default=None, help="Also accept the keys in this file, one per line "
                                    "(# starts a comment). Keeps keys off the command line.")
+
+
+def api_guard_options(command):
+    """The options of `api` and `serve` that guard the API: who may reach what, and how long and how
+    many clients may hold it. Each is named as its APIConfig field: a command passes them on as **guards."""
+    options = [
+        click.option("--header-timeout", type=click.FloatRange(0.1), default=c.HEADER_TIMEOUT,
+                     help="Seconds a client gets to send a request's headers; then its connection is closed."),
+        click.option("--body-timeout", type=click.FloatRange(0.1), default=c.BODY_TIMEOUT,
+                     help="Seconds a client gets to send a request's whole body; then it gets 408."),
+        click.option("--max-connections", type=click.IntRange(1), default=c.MAX_CONNECTIONS,
+                     help="Open HTTP connections served at once; a request on one more gets 503. "
+                     "Keep it under the open-files limit (ulimit -n)."),
+        click.option("--public-metrics", is_flag=True,
+                     help="Serve /metrics without a key when API keys are set (the API docs still need one)."),
+        click.option("--insecure", is_flag=True, help="Listen on a non-loopback --host without API keys "
+                     "(with serve, the broker's addresses without CURVE too): anyone who reaches it may use it."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def api_config(**fields) -> APIConfig:
+    """The API's config, unless it listens beyond loopback without API keys and --insecure is not set."""
+    from zmqchat.api import exposure
+
+    config = APIConfig(**fields)
+    if not config.insecure and (exposed := exposure(config)):
+        raise click.UsageError(f"{exposed}. Set --api-key or --api-key-file, listen on a loopback --host "
+                               "(127.0.0.1), or pass --insecure to serve it so all the same.")
+    return config
 
 
 def all_api_keys(api_keys: tuple[str, ...], api_key_file: Path | None) -> tuple[str, ...]:
@@ -83,14 +115,21 @@ def main() -> None:
 @click.option("--backend", default=c.BACKEND, help="Address workers connect to.")
 @policy_option
 @click.option("--max-queue", type=click.IntRange(1), default=c.MAX_QUEUE, help="Jobs waiting per model before 503.")
+@click.option("--no-worker-grace", type=click.FloatRange(0), default=c.NO_WORKER_GRACE,
+              help="Seconds the queued jobs of a model whose last worker left wait for another before 503.")
 @curve_option
+@click.option("--insecure", is_flag=True, help="Listen beyond loopback without CURVE: anyone who reaches the "
+              "ports may join as a worker and read prompts.")
 @log_level_option
-def broker(frontend: str, backend: str, policy: str, max_queue: int, curve_dir, log_level) -> None:
-    """Run the broker: it tracks workers and dispatches jobs to them."""
+def broker(frontend: str, backend: str, policy: str, max_queue: int, no_worker_grace: float, curve_dir,
+           insecure: bool, log_level) -> None:
+    """Run the broker: it tracks workers and dispatches jobs to them.
+
+    With --curve, SIGHUP (or any change to the key folders) reads the admitted keys again."""
     from zmqchat import broker as role
 
     role.run(BrokerConfig(frontend=frontend, backend=backend, policy=policy, max_queue=max_queue,
-                          curve=from_folder(curve_dir, "broker")))
+                          no_worker_grace=no_worker_grace, curve=from_folder(curve_dir, "broker"), insecure=insecure))
 
 
 @main.command()
@@ -130,21 +169,22 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
 @api_key_file_option
 @click.option("--timeout", "request_timeout", type=click.FloatRange(0.1, MAX_TIMEOUT), default=c.REQUEST_TIMEOUT,
               help="Seconds a request may take before it fails with 504.")
+@api_guard_options
 @drain_option
 @curve_option
 @curve_name_option("api")
 @log_level_option
 def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeout, curve_dir, curve_name,
-        log_level) -> None:
+        log_level, **guards) -> None:
     """Run the OpenAI-compatible HTTP API in front of the broker.
 
     SIGTERM stops taking connections and lets open requests finish (--drain-timeout)."""
     from zmqchat import api as role
 
-    role.run(APIConfig(host=host, port=port, broker=broker, api_keys=all_api_keys(api_keys, api_key_file),
-                       request_timeout=request_timeout, log_level=log_level,
-                       drain_timeout=c.API_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
-                       curve=from_folder(curve_dir, curve_name)))
+    role.run(api_config(host=host, port=port, broker=broker, api_keys=all_api_keys(api_keys, api_key_file),
+                        request_timeout=request_timeout, log_level=log_level,
+                        drain_timeout=c.API_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
+                        curve=from_folder(curve_dir, curve_name), **guards))
 
 
 @main.command()
@@ -162,22 +202,24 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeo
 @max_tokens_option
 @api_key_option
 @api_key_file_option
+@api_guard_options
 @fake_option
 @fake_delay_option
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Turn CURVE on between the parts, with keys in this folder (created if missing).")
 @log_level_option
 def serve(model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype,
-          max_batch, max_tokens_in_flight, api_keys, api_key_file, fake, fake_delay, curve_dir, log_level) -> None:
+          max_batch, max_tokens_in_flight, api_keys, api_key_file, fake, fake_delay, curve_dir, log_level,
+          **guards) -> None:
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
     from zmqchat import serve as role
 
     sys.exit(role.run(ServeConfig(
-        broker=BrokerConfig(frontend=frontend, backend=backend, policy=policy),
+        broker=BrokerConfig(frontend=frontend, backend=backend, policy=policy, insecure=guards["insecure"]),
         worker=WorkerConfig(model_path=model_path, model_name=model_name, device=device, dtype=dtype,
                             max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake,
                             fake_delay=fake_delay),
-        api=APIConfig(host=host, port=port, api_keys=all_api_keys(api_keys, api_key_file)),
+        api=api_config(host=host, port=port, api_keys=all_api_keys(api_keys, api_key_file), **guards),
         workers=workers, curve_dir=curve_dir, log_level=log_level)))
 
 
@@ -258,14 +300,19 @@ def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignor
 @click.argument("name")
 @click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default=Path("keys"),
               help="Folder to write the keys in.")
-def keys(name: str, folder: Path) -> None:
-    """Write a CURVE key pair, NAME.key (public) and NAME.key_secret, for a broker, worker or frontend.
+@click.option("--role", type=click.Choice(["worker", "frontend"]), default=None,
+              help="Also admit the public key, in the folder's workers/ or frontends/ (for a broker's folder).")
+def keys(name: str, folder: Path, role: str | None) -> None:
+    """Write a CURVE key pair, NAME.key (public) and NAME.key_secret (owner-only), for a broker,
+    worker or frontend.
 
-    Name the broker's pair `broker`. The broker's folder holds broker.key_secret and the public
-    key of every worker and frontend it admits; each of those holds its own pair and broker.key."""
+    Name the broker's pair `broker`. The broker's folder holds broker.key_secret, and the public
+    keys it admits: workers' in workers/, frontends' (APIs, `zmqchat status`) in frontends/.
+    Each worker and frontend holds its own pair and broker.key. Removing a key from the broker's
+    folder revokes it at the broker's next heartbeat."""
     from zmqchat.curve import create_keys
 
-    public, secret = create_keys(name, folder)
+    public, secret = create_keys(name, folder, role)
     click.echo(f"public key: {public}\nsecret key: {secret} (keep it on this machine only)")
 
 

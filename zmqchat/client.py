@@ -106,6 +106,7 @@ class BrokerClient:
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES)
         secure_client(self.socket, self.curve)
         self.socket.connect(self.address)
         self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeat())]

@@ -8,6 +8,7 @@ ranges of sampling parameters, are in protocol.py.)
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ FRONTEND_LIVENESS = 10  # intervals of silence after which the broker cancels a 
 
 POLICY = "shortest-queue"
 MAX_QUEUE = 1024  # jobs waiting per model before new ones are refused
+# Seconds the queued jobs of a model whose last worker left wait for another before they fail:
+# long enough for a supervisor to restart a worker, short enough that clients are not left hanging.
+NO_WORKER_GRACE = 15.0
 
 SLOTS = 16  # sequences a worker runs at once
 DEFAULT_MAX_TOKENS = 1024  # for a chat that sets no max_tokens: a bound, not a whole context window
@@ -38,6 +42,10 @@ WORKER_DRAIN_TIMEOUT = 60.0  # seconds a draining worker gives its jobs before i
 REQUEST_TIMEOUT = 300.0  # seconds a request may take, end to end
 API_DRAIN_TIMEOUT = 30.0  # seconds open requests get to finish after SIGTERM
 MAX_BODY = 4 * 1024 * 1024  # bytes of HTTP request body; more gets 413
+# Slow clients (slowloris) hold a connection, and a file descriptor, for as long as they are let.
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte (or the connection's start) to its headers' end
+BODY_TIMEOUT = 30.0  # seconds for a request's whole body once its headers are in: 4 MiB at ~1.1 Mbit/s
+MAX_CONNECTIONS = 512  # open HTTP connections before requests get 503: half the usual open-files limit of 1024
 
 LOG_LEVEL = "info"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -49,9 +57,11 @@ class BrokerConfig:
     backend: str = BACKEND
     policy: str = POLICY
     max_queue: int = MAX_QUEUE
+    no_worker_grace: float = NO_WORKER_GRACE
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     curve: Curve | None = None
+    insecure: bool = False  # may listen beyond loopback without CURVE
 
 
 @dataclass
@@ -80,6 +90,11 @@ class APIConfig:
     request_timeout: float = REQUEST_TIMEOUT
     drain_timeout: float = API_DRAIN_TIMEOUT
     max_body: int = MAX_BODY
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    public_metrics: bool = False  # /metrics without a key even when keys are set (for a scraper)
+    insecure: bool = False  # listen on a non-loopback address without API keys, all the same
     log_level: str = LOG_LEVEL
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
@@ -103,3 +118,15 @@ class ServeConfig:
 def configure_logging(level: str) -> None:
     """Every process logs the same way: the command line's --log-level, or serve's for its parts."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, without a port; brackets allowed) is this machine's
+    loopback only: localhost, 127.0.0.0/8 or ::1. A name or "*" may reach beyond it."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

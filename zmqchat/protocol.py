@@ -49,7 +49,9 @@ PROTOCOL = b"ZMQCHAT/2"
 # -- limits -------------------------------------------------------------------------------
 
 MAX_INT = 2**31 - 1  # for counts: more is a mistake
-MAX_BODY_BYTES = 64 * 1024 * 1024  # a bigger frame is a broken or hostile peer
+# A frame bigger than this is a broken or hostile peer: every socket refuses it unread
+# (ZMQ_MAXMSGSIZE). Twice the API's 4 MiB request limit, so that any request it takes fits.
+MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_ID = 256  # characters of a job or worker id
 MAX_NAME = 256  # characters of a model name
 MAX_MODELS = 64  # models one worker may announce

@@ -62,7 +62,7 @@ def run(config: ServeConfig) -> int:
     if config.curve_dir:
         from zmqchat.curve import ensure_keys
 
-        ensure_keys(config.curve_dir, ["broker", "worker", "api", "status"])
+        ensure_keys(config.curve_dir, {"broker": None, "worker": "worker", "api": "frontend", "status": "frontend"})
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))

@@ -1,15 +1,23 @@
 """The worker: one model on one device (or a group of GPUs), connected to the broker.
 
-Two threads. The engine thread owns the Engine: it takes jobs and cancels from an inbox,
-runs engine steps, and pushes each step's outputs (one STEP message, whatever the number of
-sequences) down an inproc socket. The socket thread owns the DEALER to the
-broker: it puts incoming jobs in the inbox, forwards the engine's messages, and heartbeats.
-Because the model computes on the other thread, heartbeats keep going during generation.
+Three threads, each command passing through them in order. The socket thread owns the
+DEALER to the broker: it hands jobs and cancels to the preparing thread, forwards the
+engine's messages, and heartbeats. The preparing thread turns each job into a Sequence
+(tokenising its prompt, which for a long prompt takes a while) so that the engine thread
+never waits for it. The engine thread owns the Engine: it adds prepared sequences, applies
+cancels, runs steps, and pushes each step's outputs (one STEP message, whatever the number
+of sequences) down an inproc socket. Because the model computes on the engine thread,
+heartbeats keep going during generation.
 
 Liveness follows the ZeroMQ Guide's Paranoid Pirate worker: a broker silent for
 HEARTBEAT_LIVENESS intervals is presumed dead; the worker drops the jobs it was running
 (the broker has failed or requeued them), reconnects with exponential back-off, and sends
 READY again. A broker that does not know the worker says DISCONNECT, with the same effect.
+A send that cannot complete within a heartbeat (no connection: the broker is gone, or
+refused this worker's CURVE key, which the worker logs) counts as a lost broker too.
+
+If the engine thread dies (vLLM's "engine dead"), the worker fails every job it holds with
+an error, tells the broker it is leaving, and exits with status 1 for a supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import time
 import uuid
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zmqchat import protocol as p
 from zmqchat.config import WorkerConfig
@@ -36,6 +45,12 @@ log = logging.getLogger("zmqchat.worker")
 RECONNECT_MAX = 8.0  # longest back-off between reconnect attempts, in seconds
 DRAIN_POLL = 0.1  # how often a draining worker checks whether it is done
 ENGINE_IDLE_WAIT = 0.5  # how often an idle engine thread checks whether to stop
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class BrokerLost(Exception):
+    """A message to the broker could not be sent: there is no connection to send it on."""
 
 
 class Worker:
@@ -46,58 +61,75 @@ class Worker:
         self.device = device
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.context = context or zmq.Context.instance()
-        self.inbox: queue.Queue = queue.Queue()
+        self.jobs: queue.Queue = queue.Queue()  # socket thread -> preparing thread
+        self.inbox: queue.Queue = queue.Queue()  # preparing thread -> engine thread
         self.outputs_address = f"inproc://engine-{self.worker_id}"
         self.outputs = self.context.socket(zmq.PULL)
         self.outputs.bind(self.outputs_address)
         self.dealer: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
         self.running = True
         self.drain_deadline: float | None = None  # set by the first SIGTERM or SIGINT
+        self.engine_dead = False  # set by the engine thread as it dies
         self.liveness = config.heartbeat_interval * config.heartbeat_liveness
 
     # -- socket thread ------------------------------------------------------------------------
 
-    def run(self) -> None:
-        engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
-        engine_thread.start()
+    def run(self) -> int:
+        """Serve until stopped; the exit status: 1 if the engine died, else 0."""
+        threads = [threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
+                   threading.Thread(target=self._engine_loop, name="engine", daemon=True)]
+        for thread in threads:
+            thread.start()
+        try:
+            self._serve()
+        finally:
+            self.jobs.put(None)
+            for thread in threads:
+                thread.join(timeout=5)
+            self._say_goodbye()
+        return 1 if self.engine_dead else 0
+
+    def _serve(self) -> None:
         self._connect()
         backoff = self.config.heartbeat_interval
         last_heard = time.monotonic()
         next_beat = last_heard + self.config.heartbeat_interval
         drain_announced = False
-        while self.running:
+        while self.running and not self.engine_dead:
             wait = DRAIN_POLL if self.drain_deadline else next_beat - time.monotonic()
-            events = dict(self.poller.poll(max(0.0, wait) * 1000))
-            if self.dealer in events and self._drain_broker():
-                last_heard = time.monotonic()
-                backoff = self.config.heartbeat_interval
-            if self.outputs in events:
-                self._forward_outputs()
-            now = time.monotonic()
-            if self.drain_deadline is not None:
-                if not drain_announced:
-                    self._send(p.Disconnect("drain", drain=True))
-                    drain_announced = True
-                    log.info("draining: no new jobs; finishing %d in flight", len(self.engine.job_ids()))
-                if self._idle() or now > self.drain_deadline:
-                    break
-            if now - last_heard > self.liveness:
-                log.warning("broker silent for %.1f s; reconnecting in %.1f s", now - last_heard, backoff)
-                self._stopped_during(backoff)
+            try:
+                events = dict(self.poller.poll(max(0.0, wait) * 1000))
+                if self.dealer in events and self._drain_broker():
+                    last_heard = time.monotonic()
+                    backoff = self.config.heartbeat_interval
+                if self.monitor in events:
+                    self._log_handshake_failures()
+                if self.outputs in events:
+                    self._forward_outputs()
+                now = time.monotonic()
+                if self.drain_deadline is not None:
+                    if not drain_announced:
+                        self._send(p.Disconnect("drain", drain=True))
+                        drain_announced = True
+                        log.info("draining: no new jobs; finishing %d in flight", len(self.engine.job_ids()))
+                    if self._idle() or now > self.drain_deadline:
+                        return
+                if now >= next_beat:
+                    self._send(p.Heartbeat())
+                    next_beat = now + self.config.heartbeat_interval
+            except BrokerLost:
+                last_heard = 0.0
+            if time.monotonic() - last_heard > self.liveness:
+                if self.drain_deadline is not None:
+                    return  # draining, and the broker has given up this worker's jobs: nothing to finish
+                log.warning("lost the broker; reconnecting in %.1f s", backoff)
+                if not self._wait_unless_stopped(backoff):
+                    return
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 self._connect()
                 drain_announced = False
                 last_heard = time.monotonic()
-            if now >= next_beat:
-                self._send(p.Heartbeat())
-                next_beat = now + self.config.heartbeat_interval
-        self.inbox.put(None)
-        engine_thread.join(timeout=5)
-        self._forward_outputs()  # the engine's last messages go out before we say goodbye
-        self._send(p.Disconnect("drained" if self._idle() else "shutdown"))
-        self.dealer.close(linger=1000)
-        self.outputs.close()
-        log.info("worker %s stopped", self.worker_id)
 
     def stop(self, *_) -> None:
         """The first signal drains (no new jobs, finish those in flight); a second stops now."""
@@ -107,36 +139,78 @@ class Worker:
             self.running = False
 
     def _idle(self) -> bool:
-        return self.inbox.empty() and not self.engine.has_work
+        return self.jobs.empty() and self.inbox.empty() and not self.engine.has_work
 
-    def _stopped_during(self, seconds: float) -> None:
+    def _wait_unless_stopped(self, seconds: float) -> bool:
+        """Sleep `seconds`; False as soon as a signal says stop (a drain included: a worker
+        without a broker has nothing to drain)."""
         deadline = time.monotonic() + seconds
-        while self.running and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if not self.running or self.drain_deadline is not None:
+                return False
             time.sleep(min(0.1, seconds))
+        return True
 
     def _connect(self) -> None:
         """A fresh DEALER (Paranoid Pirate: never reuse a socket to a dead peer), then READY."""
-        if self.dealer is not None:
-            self.dealer.close(linger=0)
+        self._close_dealer()
         self.dealer = self.context.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.MAXMSGSIZE, p.MAX_BODY_BYTES)
+        # A send with no connection to take it fails after this long instead of waiting forever.
+        self.dealer.setsockopt(zmq.SNDTIMEO, int(self.config.heartbeat_interval * 1000))
         secure_client(self.dealer, self.config.curve)
+        self.monitor = self.dealer.get_monitor_socket(HANDSHAKE_FAILURES)
         self.dealer.connect(self.config.broker)
         self.poller = zmq.Poller()
-        self.poller.register(self.dealer, zmq.POLLIN)
-        self.poller.register(self.outputs, zmq.POLLIN)
-        self._announce()
+        for sock in (self.dealer, self.monitor, self.outputs):
+            self.poller.register(sock, zmq.POLLIN)
+        try:
+            self._announce()
+        except BrokerLost:
+            pass  # the loop notices the silence and tries again
+
+    def _close_dealer(self) -> None:
+        if self.dealer is not None:
+            self.dealer.disable_monitor()
+            self.monitor.close(linger=0)
+            self.dealer.close(linger=0)
+
+    def _say_goodbye(self) -> None:
+        """The engine's last messages, then DISCONNECT, sent if the broker can take them."""
+        try:
+            self._forward_outputs()
+            reason = "engine dead" if self.engine_dead else "drained" if self._idle() else "shutdown"
+            self._send(p.Disconnect(reason))
+        except BrokerLost:
+            log.warning("could not tell the broker that this worker is leaving")
+        self._close_dealer()
+        self.outputs.close()
+        log.info("worker %s stopped", self.worker_id)
 
     def _announce(self) -> None:
         # Jobs still running belong to a broker connection that is gone: drop them first.
-        self.inbox.put(("reset", None))
+        self.jobs.put(("reset", None))
         self._send(p.Ready(worker_id=self.worker_id, models=[self.engine.model_name], slots=self.engine.slots,
                            host=socket.gethostname(), device=self.device, pid=os.getpid()))
         log.info("worker %s announced %s (%d slots) to %s", self.worker_id,
                  self.engine.model_name, self.engine.slots, self.config.broker)
 
     def _send(self, message: p.Message) -> None:
-        self.dealer.send_multipart(p.encode(message))
+        self._send_frames(p.encode(message))
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        try:
+            self.dealer.send_multipart(frames)
+        except zmq.Again:
+            raise BrokerLost from None
+
+    def _log_handshake_failures(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            log.error("the broker at %s refused this worker's handshake (%s, code %s): with CURVE, is this "
+                      "worker's public key among those the broker admits for workers?",
+                      self.config.broker, event["event"].name, event["value"])
 
     def _drain_broker(self) -> bool:
         """Handle every waiting message from the broker; True if any was valid."""
@@ -153,9 +227,9 @@ class Worker:
                 continue
             heard = True
             if isinstance(message, p.Submit):
-                self.inbox.put(("add", message))
+                self.jobs.put(("add", message))
             elif isinstance(message, p.Cancel):
-                self.inbox.put(("cancel", message.ids))
+                self.jobs.put(("cancel", message.ids))
             elif isinstance(message, p.Disconnect):
                 log.info("broker asked for a new announcement: %s", message.reason)
                 self._announce()
@@ -168,7 +242,26 @@ class Worker:
                 frames = self.outputs.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.dealer.send_multipart(frames)
+            self._send_frames(frames)
+
+    # -- preparing thread ---------------------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        """Prepare each job for the engine, passing cancels and resets through in order (a
+        cancel never overtakes the job it cancels). A refused job becomes its error."""
+        while (item := self.jobs.get()) is not None:
+            kind, arg = item
+            if kind == "add":
+                try:
+                    item = ("add", self.engine.prepare(arg))
+                except JobError as exc:
+                    item = ("error", p.Error(arg.id, exc.code, exc.message))
+                except Exception as exc:  # a job the engine cannot take must not stop the worker
+                    log.exception("request %s: could not be prepared", arg.id)
+                    item = ("error", p.Error(arg.id, ErrorCode.ENGINE_ERROR,
+                                             f"the worker failed to take the job: {exc!r}"))
+            self.inbox.put(item)
+        self.inbox.put(None)
 
     # -- engine thread ------------------------------------------------------------------------
 
@@ -177,28 +270,46 @@ class Worker:
         out.connect(self.outputs_address)
         send = lambda message: out.send_multipart(p.encode(message))  # noqa: E731
         try:
-            while True:
-                commands = self._take_commands(block=not self.engine.has_work)
-                if commands is None:
-                    return
-                outputs: list[p.Output] = []
-                for kind, arg in commands:
-                    self._apply(kind, arg, outputs, send)
-                try:
-                    outputs += self.engine.step()
-                except Exception as exc:
-                    log.exception("engine step failed; failing its %d sequences", len(self.engine.job_ids()))
-                    for job_id in self.engine.job_ids():
-                        self.engine.cancel(job_id)
-                        send(p.Error(job_id, ErrorCode.ENGINE_ERROR, f"the engine failed: {exc}"))
-                for output in outputs:
-                    if output.finish:
-                        log.debug("request %s: finished (%s), %d prompt and %d output tokens", output.id,
-                                  output.finish, output.usage.prompt_tokens, output.usage.completion_tokens)
-                if outputs:
-                    send(p.Step(outputs))
+            self._run_engine(send)
+        except Exception as exc:
+            log.exception("the engine thread died; failing its jobs and leaving")
+            for job_id in self._jobs_held():
+                send(p.Error(job_id, ErrorCode.ENGINE_ERROR, f"the worker's engine died: {exc!r}"))
+            self.engine_dead = True
         finally:
             out.close(linger=1000)
+
+    def _run_engine(self, send) -> None:
+        while (commands := self._take_commands(block=not self.engine.has_work)) is not None:
+            outputs: list[p.Output] = []
+            for kind, arg in commands:
+                self._apply(kind, arg, outputs, send)
+            try:
+                outputs += self.engine.step()
+            except Exception as exc:
+                log.exception("engine step failed; failing its %d sequences", len(self.engine.job_ids()))
+                for job_id in self.engine.job_ids():
+                    self.engine.cancel(job_id)
+                    send(p.Error(job_id, ErrorCode.ENGINE_ERROR, f"the engine failed: {exc}"))
+            for output in outputs:
+                if output.finish:
+                    log.debug("request %s: finished (%s), %d prompt and %d output tokens", output.id,
+                              output.finish, output.usage.prompt_tokens, output.usage.completion_tokens)
+            if outputs:
+                send(p.Step(outputs))
+
+    def _jobs_held(self) -> list[str]:
+        """Every job the engine holds or has yet to take, for its last words."""
+        held = self.engine.job_ids()
+        for queued in (self.inbox, self.jobs):
+            while True:
+                try:
+                    item = queued.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and item[0] == "add":
+                    held.append(item[1].id)
+        return held
 
     def _take_commands(self, block: bool) -> list | None:
         """Everything in the inbox; waits for something when the engine is idle. None: stop."""
@@ -222,9 +333,9 @@ class Worker:
             except JobError as exc:
                 log.info("request %s: refused (%s): %s", arg.id, exc.code.value, exc.message)
                 send(p.Error(arg.id, exc.code, exc.message))
-            except Exception as exc:  # a job the engine fails to take must not stop the engine
-                log.exception("request %s: the engine failed to take it", arg.id)
-                send(p.Error(arg.id, ErrorCode.ENGINE_ERROR, f"the engine failed to take the job: {exc!r}"))
+        elif kind == "error":
+            log.info("request %s: refused (%s): %s", arg.id, arg.code.value, arg.message)
+            send(arg)
         elif kind == "cancel":
             for job_id in arg:
                 output = self.engine.cancel(job_id)
@@ -255,4 +366,4 @@ def run(config: WorkerConfig) -> None:
     log.info(describe(config.curve))
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    worker.run()
+    raise SystemExit(worker.run())

@@ -2,10 +2,11 @@
 "code"}} with an honest HTTP status.
 
 ERRORS is the one table of how a job's ErrorCode (from the broker, a worker or the client)
-looks over HTTP; below it, the HTTP layer's own errors (a missing API key, a body too large, a
-request that fails validation). An error comes in as a BrokerError, an HTTPError and a message,
-or an exception FastAPI caught; it leaves as a JSONResponse, or as the body of an SSE error
-event once a stream has begun.
+looks over HTTP; below it, the HTTP layer's own errors (a foreign Host, a missing API key, a
+body too large or too slow, a request that fails validation). An error comes in as a
+BrokerError, an HTTPError and a message, or an exception FastAPI caught; it leaves as a
+JSONResponse, or as the body of an SSE error event once a stream has begun. `clip` is how a
+client's text may appear in a log line.
 """
 
 from __future__ import annotations
@@ -47,13 +48,27 @@ ERRORS: dict[ErrorCode, HTTPError] = {
 }
 INVALID_REQUEST = HTTPError(400, "invalid_request_error")  # refused at the HTTP boundary; param says where
 INVALID_API_KEY = HTTPError(401, "authentication_error", "invalid_api_key")
+REQUEST_TIMEOUT = HTTPError(408, "invalid_request_error", "request_timeout")
 REQUEST_TOO_LARGE = HTTPError(413, "invalid_request_error", "request_too_large")
+MISDIRECTED_REQUEST = HTTPError(421, "invalid_request_error", "misdirected_request")
 INTERNAL_ERROR = HTTPError(500, "server_error")
+
+# Characters of a client's text (a model name, a path) a log line holds: enough to recognise it.
+# An error's message may quote such text (the model name, up to MAX_NAME) in its explanation.
+LOGGED_TEXT = 64
+LOGGED_MESSAGE = 160
 
 # An error known only by its status (no such route, a method not allowed) has the type of
 # the errors above with that status.
 _TYPES = {error.status: error.type
           for error in (*ERRORS.values(), INVALID_REQUEST, INVALID_API_KEY, REQUEST_TOO_LARGE)}
+
+
+def clip(text: str, limit: int = LOGGED_TEXT) -> str:
+    """A client's `text` as a log line may hold it: cut to `limit` characters, and escaped as a
+    Python literal is, so that a newline or a terminal escape in it cannot forge a log line."""
+    short = text if len(text) <= limit else text[:limit] + "..."
+    return repr(short)[1:-1]
 
 
 def error_body(error: HTTPError, message: str, param: str | None = None) -> dict:
@@ -108,6 +123,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
+        # Counted under model="unknown": nothing in an invalid body, its model included, is a label.
+        request.app.state.metrics.count(None, ErrorCode.INVALID_REQUEST.value)
         return validation_error_response(exc)
 
     @app.exception_handler(HTTPException)
@@ -122,5 +139,5 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected_error(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
+        log.exception("unexpected error on %s", clip(request.url.path))
         return error_response(INTERNAL_ERROR, f"internal error: {type(exc).__name__}")

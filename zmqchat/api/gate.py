@@ -1,17 +1,28 @@
-"""The Gate every HTTP request passes first: API keys and the request body's size limit.
+"""The Gate every HTTP request passes first: the Host header, API keys, and the request body's
+size and time limits.
 
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, under which a handler cannot see
 its client leave). A request comes in as ASGI scope and messages; it goes on to the app with
-its body read whole, or is answered here with a 401 or a 413. `read_api_keys` reads the keys
-a keys file holds, for the command line.
+its body read whole, or is answered here with a 421, 401, 413 or 408, and its connection
+closed. `read_api_keys` reads the keys a keys file holds, for the command line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from pathlib import Path
 
-from zmqchat.api.errors import INVALID_API_KEY, REQUEST_TOO_LARGE, error_response
+from fastapi.responses import JSONResponse
+
+from zmqchat.api.errors import (INVALID_API_KEY, MISDIRECTED_REQUEST, REQUEST_TIMEOUT, REQUEST_TOO_LARGE,
+                                error_response)
+from zmqchat.config import APIConfig, is_loopback
+
+# Paths served without an API key: the chat page (it asks its user for a key and sends it with
+# its /v1 calls) and the health check. Anything else, /metrics and the API docs included, needs one.
+OPEN_PATHS = ("/", "/health")
+OPEN_PREFIX = "/web/"
 
 
 def read_api_keys(path: Path) -> list[str]:
@@ -23,16 +34,33 @@ def read_api_keys(path: Path) -> list[str]:
     return keys
 
 
-class Gate:
-    """On /v1 routes, with keys configured, a request without one of them as its Bearer token
-    gets 401. A request body over `limit` bytes gets 413, whether it declares its length or
-    arrives in chunks without one: the body is read here, at most `limit` bytes of it, and
-    handed on whole."""
+def host_name(host_header: bytes) -> str:
+    """The host of a Host header, without its port: "[::1]:8000" -> "::1"."""
+    host = host_header.decode("latin-1")
+    return host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
 
-    def __init__(self, app, limit: int, api_keys: tuple[str, ...]):
+
+class Gate:
+    """A request is refused, in order:
+
+    - on an API listening on loopback, if its Host header names anything else (421): a web page
+      whose own name the attacker points at 127.0.0.1 (DNS rebinding) would otherwise be able
+      to read a keyless API as its own origin;
+    - with keys configured, outside OPEN_PATHS (and /metrics with `public_metrics`), if it lacks
+      one of them as its Bearer token (401);
+    - if its body is over `max_body` bytes (413), whether it declares its length or arrives in
+      chunks without one: the body is read here, at most that many bytes of it, and handed on whole;
+    - if its whole body is not in within `body_timeout` seconds of its headers (408): a deadline
+      for the whole body, not for each read (nginx's), which a byte now and then would meet.
+    A refused request's connection is closed: its unread body could otherwise hold it open."""
+
+    def __init__(self, app, config: APIConfig):
         self.app = app
-        self.limit = limit
-        self.api_keys = [key.encode() for key in api_keys]
+        self.limit = config.max_body
+        self.body_timeout = config.body_timeout
+        self.loopback_only = is_loopback(config.host)
+        self.api_keys = [key.encode() for key in config.api_keys]
+        self.open_paths = OPEN_PATHS + (("/metrics",) if config.public_metrics else ())
 
     def authorised(self, headers: dict) -> bool:
         scheme, _, supplied = headers.get(b"authorization", b"").partition(b" ")
@@ -41,21 +69,38 @@ class Gate:
         matches = [hmac.compare_digest(supplied.strip(), key) for key in self.api_keys]
         return scheme.lower() == b"bearer" and any(matches)
 
+    def needs_key(self, path: str) -> bool:
+        return bool(self.api_keys) and path not in self.open_paths and not path.startswith(OPEN_PREFIX)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.api_keys and scope["path"].startswith("/v1") and not self.authorised(headers):
+        refusal = self.header_refusal(scope["path"], headers)
+        if refusal is None:
+            try:
+                body = await asyncio.wait_for(self._read_body(headers, receive), self.body_timeout)
+            except _TooLarge:
+                refusal = error_response(REQUEST_TOO_LARGE, f"the request body is over the limit of {self.limit} bytes")
+            except asyncio.TimeoutError:
+                refusal = error_response(REQUEST_TIMEOUT, f"the request body took over {self.body_timeout:g} s to send")
+            else:
+                if body is not None:  # None: the client left before sending its body
+                    await self.app(scope, _replay(body, receive), send)
+                return
+        refusal.headers["Connection"] = "close"
+        await refusal(scope, receive, send)
+
+    def header_refusal(self, path: str, headers: dict) -> JSONResponse | None:
+        """The answer to a request its headers alone refuse, or None."""
+        if self.loopback_only and not is_loopback(host_name(headers.get(b"host", b""))):
+            return error_response(MISDIRECTED_REQUEST, "this API listens on loopback and serves only requests "
+                                  "whose Host is localhost, 127.x.x.x or [::1]")
+        if self.needs_key(path) and not self.authorised(headers):
             response = error_response(INVALID_API_KEY, "invalid or missing API key")
             response.headers["WWW-Authenticate"] = "Bearer"
-            return await response(scope, receive, send)
-        try:
-            body = await self._read_body(headers, receive)
-        except _TooLarge:
-            response = error_response(REQUEST_TOO_LARGE, f"the request body is over the limit of {self.limit} bytes")
-            return await response(scope, receive, send)
-        if body is not None:  # None: the client left before sending its body
-            await self.app(scope, _replay(body, receive), send)
+            return response
+        return None
 
     async def _read_body(self, headers: dict, receive) -> bytes | None:
         declared = headers.get(b"content-length", b"0")

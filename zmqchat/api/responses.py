@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse
 
-from zmqchat.api.errors import broker_error_body, broker_error_response
+from zmqchat.api.errors import LOGGED_MESSAGE, broker_error_body, broker_error_response, clip
 from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from zmqchat.client import BrokerClient, BrokerError, Event, Stream
 from zmqchat.metrics import RequestMetrics
@@ -69,7 +69,7 @@ class Completion:
 
     def failed(self, error: BrokerError) -> None:
         self.timing.failed(error.code.value)
-        log.info("request %s failed (%s): %s", self.stream.id, error.code.value, error.message)
+        log.info("request %s failed (%s): %s", self.stream.id, error.code.value, clip(error.message, LOGGED_MESSAGE))
 
     def left(self) -> None:
         self.timing.failed("cancelled")

@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from zmqchat.api.errors import ERRORS, add_error_handlers, broker_error_response, error_response
+from zmqchat.api.errors import ERRORS, add_error_handlers, broker_error_response, clip, error_response
 from zmqchat.api.gate import Gate
 from zmqchat.api.responses import ChatCompletion, Completion, TextCompletion
 from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -55,7 +55,7 @@ def create_app(config: APIConfig) -> FastAPI:
     app.state.config = config
     app.state.client = client
     app.state.metrics = Metrics()
-    app.add_middleware(Gate, limit=config.max_body, api_keys=config.api_keys)
+    app.add_middleware(Gate, config=config)
     add_error_handlers(app)
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     app.include_router(router)
@@ -128,7 +128,7 @@ async def generate(request: Request, body: GenerationRequest, completion_type: t
         timing.failed(exc.code.value)
         raise
     log.debug("request %s: %s, model %s, %d choices, stream %s", stream.id, completion_type.__name__,
-              body.model, len(stream.job_ids), body.stream)
+              clip(body.model), len(stream.job_ids), body.stream)
     completion = completion_type(stream, body, timing)
     streaming = False
     try:

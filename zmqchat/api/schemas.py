@@ -1,5 +1,7 @@
 """The OpenAI request bodies the API accepts, as pydantic models: validation at the HTTP
-boundary, so that every refusal is a 400 naming its parameter.
+boundary, so that every refusal is a 400 naming its parameter. Types are strict, as OpenAI's:
+a value of the wrong JSON type is refused, not coerced. Every text that goes on the wire is
+`Text`: JSON can carry what no UTF-8 can (a lone surrogate), and it is refused here, by name.
 
 A request's JSON comes in; `choices()` turns it into what the broker gets, one dict per choice
 (the wire's ChatMessages or prompt, and its SamplingParams), ready for BrokerClient.submit().
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from zmqchat import protocol as p
 from zmqchat.config import COMPLETION_MAX_TOKENS
@@ -20,13 +22,28 @@ from zmqchat.protocol import (MAX_INT, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS, 
 MAX_N = 16  # choices of one prompt
 MAX_CHOICES = 128  # choices of one request: prompts x n
 
+
+def _utf8(text: str) -> str:
+    """`text`, if UTF-8 (the wire's, the tokenizer's) can hold it: a JSON string may carry a lone
+    UTF-16 surrogate (the escape \\ud800 alone), which would otherwise fail only when the request
+    is encoded for the wire, as a 400 that names no parameter."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone UTF-16 surrogate (\\ud800 to \\udfff), which is not text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 Count = Annotated[int, Field(ge=1, le=MAX_INT)]
 Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unknown parameter is a 400 that names it
+    # extra: an unknown parameter is a 400 that names it. strict: so is a value of the wrong
+    # JSON type (true is not 1, "yes" not true, "5" not 5); an integer is still a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -41,12 +58,12 @@ class Strict(BaseModel):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     def wire(self) -> p.ChatMessage:
@@ -65,7 +82,7 @@ class ResponseFormat(Strict):
 class GenerationRequest(Strict):
     """What chat and text completions share."""
 
-    model: str = Field(min_length=1, max_length=MAX_NAME)
+    model: Text = Field(min_length=1, max_length=MAX_NAME)
     max_tokens: Count | None = None
     # Left out: the model's own sampling defaults apply (else 1.0, as OpenAI's do).
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
@@ -76,7 +93,7 @@ class GenerationRequest(Strict):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
@@ -124,7 +141,8 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: (Text | Annotated[list[Text], Field(min_length=1)]
+             | TokenIds | Annotated[list[TokenIds], Field(min_length=1)])
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 

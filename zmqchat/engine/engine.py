@@ -1,9 +1,9 @@
 """The engine: runs many sequences at once and turns their tokens into text, step by step.
 
-The worker's engine thread feeds it protocol.Submit jobs with `add()` and ids with
-`cancel()`, and calls `step()` in a loop. `add()` encodes the job's prompt (a chat through
-the model's template, or text or token ids for a completion) with the runner's tokenizer,
-builds its Sequence and hands it to the scheduler, or raises JobError. A step asks the
+The worker turns each protocol.Submit job into a Sequence with `prepare()` (on a thread of
+its own: it encodes the job's prompt, a chat through the model's template or text or token
+ids for a completion, with the runner's tokenizer, and checks it, or raises JobError); its
+engine thread hands sequences to `add()` and ids to `cancel()`, and calls `step()` in a loop. A step asks the
 scheduler for the batch, has the runner (a model, or the fake) produce each sequence's next
 token, and the detokeniser turn it into text; it returns a protocol.Output for each sequence
 with new text or that finished, and finished sequences leave the scheduler.
@@ -11,6 +11,7 @@ with new text or that finished, and finished sequences leave the scheduler.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 from zmqchat.config import DEFAULT_MAX_TOKENS, SLOTS
@@ -18,6 +19,8 @@ from zmqchat.engine.detokenizer import Detokenizer
 from zmqchat.engine.scheduler import Batch, Scheduler
 from zmqchat.engine.sequence import Sequence, resolve
 from zmqchat.protocol import ChatMessage, ErrorCode, JobError, Output, Submit, Usage
+
+PROMPTS_REMEMBERED = 8  # tokenised prompts kept, for the choices of one request that follow each other
 
 
 class Runner(Protocol):
@@ -29,6 +32,7 @@ class Runner(Protocol):
     vocab_size: int  # token ids in a prompt must be below this
     stop_token_ids: set[int]
     sampling_defaults: dict  # the model's own temperature and top_p, if it has them
+    max_token_chars: int | None  # characters of the vocabulary's longest token (None: no bound)
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]: ...
     def encode_text(self, text: str) -> list[int]: ...
@@ -57,38 +61,68 @@ class Engine:
     def job_ids(self) -> list[str]:
         return list(self.scheduler.by_id)
 
-    def add(self, job: Submit) -> None:
-        if len(self.scheduler) >= self.slots:
-            raise JobError(ErrorCode.OVERLOADED, "the worker has no free slot")
-        if self.scheduler.get(job.id) is not None:
-            raise JobError(ErrorCode.INVALID_REQUEST, f"request id {job.id} is already running")
+    def prepare(self, job: Submit) -> Sequence:
+        """The job's Sequence: its prompt encoded and checked against the model's window, or a
+        JobError. It reads no batch state, so the worker calls it on a thread of its own: a
+        long prompt's tokenisation never stalls the running batch."""
         params = resolve(job.params, self.runner.sampling_defaults)
         prompt_ids, prompt_text = self._encode(job)
         seq = Sequence(job.id, prompt_ids, params, self._max_tokens(len(prompt_ids), params.max_tokens), job)
-        if params.echo:
-            seq.pending_echo = prompt_text if prompt_text is not None else self.runner.decode(prompt_ids)
-            seq.echo_length = len(seq.pending_echo)
+        if params.echo and prompt_text is not None:  # token ids are decoded for echo by add(), on the engine thread
+            seq.pending_echo, seq.echo_length = prompt_text, len(prompt_text)
         if not self.scheduler.fits_alone(seq):
             raise JobError(ErrorCode.INVALID_REQUEST,
                            f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({seq.max_tokens}) is more than "
                            f"this worker's {self.scheduler.max_tokens} tokens in flight; ask for fewer max_tokens")
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        """A prepared sequence joins the queue for the batch."""
+        if len(self.scheduler) >= self.slots:
+            raise JobError(ErrorCode.OVERLOADED, "the worker has no free slot")
+        if self.scheduler.get(seq.id) is not None:
+            raise JobError(ErrorCode.INVALID_REQUEST, f"request id {seq.id} is already running")
+        if seq.params.echo and not isinstance(seq.job.prompt, str):
+            seq.pending_echo = self.runner.decode(seq.prompt_ids)
+            seq.echo_length = len(seq.pending_echo)
         self.scheduler.add(seq)
 
     def _encode(self, job: Submit) -> tuple[list[int], str | None]:
         """The job's prompt tokens, and its text where the client gave text."""
         if job.messages is not None:
-            ids, text = self.runner.encode_chat(job.messages), None
+            self._check_length(sum(len(m.content) for m in job.messages))
+            ids, text = self._encoded(tuple((m.role, m.content) for m in job.messages)), None
         elif isinstance(job.prompt, str):
-            ids, text = self.runner.encode_text(job.prompt), job.prompt
+            self._check_length(len(job.prompt))
+            ids, text = self._encoded(job.prompt), job.prompt
         else:
             vocab = self.runner.vocab_size
             if not job.prompt or not all(0 <= t < vocab for t in job.prompt):
                 raise JobError(ErrorCode.INVALID_REQUEST,
                                f"a prompt of token ids must be a non-empty list of ids in [0, {vocab})")
-            ids, text = list(job.prompt), None
+            ids, text = job.prompt, None
         if not ids:
             raise JobError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
-        return ids, text
+        return list(ids), text
+
+    @functools.lru_cache(maxsize=PROMPTS_REMEMBERED)
+    def _encoded(self, prompt: str | tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+        """A prompt's tokens, remembered: the n choices of a request arrive as n jobs with one
+        prompt, which is tokenised once."""
+        if isinstance(prompt, str):
+            return tuple(self.runner.encode_text(prompt))
+        return tuple(self.runner.encode_chat([ChatMessage(role, content) for role, content in prompt]))
+
+    def _check_length(self, characters: int) -> None:
+        """Refuse, before tokenising it, a prompt longer than the context window could hold
+        even if each of its tokens were the longest in the vocabulary."""
+        longest = self.runner.max_token_chars
+        window = self.runner.context_window
+        if longest and characters > window * longest:
+            raise JobError(ErrorCode.CONTEXT_LENGTH,
+                           f"This model's maximum context length is {window} tokens. However, the prompt has "
+                           f"{characters} characters, more than {window} tokens can hold (none is longer than "
+                           f"{longest} characters). Please shorten the prompt.")
 
     def _max_tokens(self, prompt_tokens: int, asked: int | None) -> int:
         window = self.runner.context_window

@@ -28,6 +28,7 @@ class FakeRunner:
         self.context_window = context_window
         self.stop_token_ids = {EOS}
         self.sampling_defaults: dict = {}  # it samples nothing
+        self.max_token_chars = None  # a word is a token, however long
         self.token_budget = MAX_SLOTS * context_window  # no cache to fill: never the limit
         self.words = ["</s>"]  # token id -> word
         self.ids: dict[str, int] = {}

@@ -15,6 +15,7 @@ compute alone. The KV of the chat template's shared preamble is computed once an
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import re
@@ -38,6 +39,10 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<
 class HFRunner:
     def __init__(self, loaded: LoadedModel, max_tokens_in_flight: int | None = None):
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
+        # Prompts are encoded on the worker's preparing thread while the engine thread decodes:
+        # each gets its own tokenizer, since a fast tokenizer is not safe to share across threads.
+        self.encoder = copy.deepcopy(self.tokenizer)
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()))
         self.model_name = loaded.name
         config = self.model.config
         self.context_window = int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
@@ -74,14 +79,14 @@ class HFRunner:
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = self.encoder.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja raises for conversations a template forbids
             raise JobError(ErrorCode.INVALID_REQUEST,
                            f"the model's chat template refused the messages: {exc}") from None
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.encoder(text, add_special_tokens=False).input_ids
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text).input_ids  # with the BOS token, where the model wants one
+        return self.encoder(text).input_ids  # with the BOS token, where the model wants one
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -1,0 +1,93 @@
+"""The worker's own faults: an engine thread that dies, a broker that is gone when it is told to
+stop, and a prompt so large that tokenising it could stall everyone else's stream."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+from conftest import Running, chat, free_port, wait_for
+
+from zmqchat import protocol as p
+from zmqchat.config import WorkerConfig
+from zmqchat.engine import Engine, FakeRunner
+from zmqchat.worker import Worker
+
+
+class CancelBreaks(Engine):
+    """An engine with a bug where the worker applies cancels, outside any step."""
+
+    def cancel(self, job_id: str):
+        raise RuntimeError("a bug in the cancel path")
+
+
+def test_a_dead_engine_thread_fails_its_jobs_leaves_the_broker_and_exits_non_zero():
+    running = Running()
+    try:
+        engine = CancelBreaks(FakeRunner(delay=0.05))
+        worker = Worker(WorkerConfig(broker=running.config.backend, fake=True), engine, "fake", running.context)
+        status = []
+        thread = threading.Thread(target=lambda: status.append(worker.run()), daemon=True)
+        thread.start()
+        frontend = running("frontend")
+        wait_for(lambda: running.broker.workers, 5, "the worker to join")
+        words = " ".join(["word"] * 200)
+        for job_id in ("doomed", "bystander"):
+            frontend.send(p.Submit(id=job_id, model="fake", timeout=30.0, messages=[p.ChatMessage("user", words)]))
+        wait_for(lambda: isinstance(frontend.recv(), p.Step), 5, "output")
+        frontend.send(p.Cancel(["doomed"]))  # the engine thread dies applying it
+        errors = {}
+        while "bystander" not in errors:
+            message = frontend.recv(skip=(p.Heartbeat, p.Step))
+            assert message is not None, "the bystander never heard"
+            errors[message.id] = message
+        assert errors["bystander"].code == p.ErrorCode.ENGINE_ERROR
+        thread.join(timeout=5)
+        assert status == [1]
+        wait_for(lambda: not running.broker.workers, 5, "the broker to let the worker go")
+    finally:
+        running.stop()
+
+
+def test_sigterm_stops_a_worker_that_is_waiting_to_reconnect(cluster):
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    worker = cluster.spawn("worker", "worker", "--fake", "--broker", nobody)
+    # Its second back-off (2 s; they grow to 8 s) starts as it says so: stop it right then.
+    wait_for(lambda: "reconnecting in 2.0 s" in worker.output(), 20, "the worker's second back-off")
+    started = time.monotonic()
+    assert worker.stop(signal.SIGTERM, timeout=10) == 0
+    assert time.monotonic() - started < 1.0
+    assert worker.output().count("announced") == 2  # it did not announce itself again before leaving
+
+
+def test_a_huge_prompt_is_refused_without_stalling_other_streams(cluster):
+    cluster.broker()
+    cluster.worker("--fake-delay", "0.02")
+    cluster.api()
+    gaps = []
+
+    def stream_a_long_reply():
+        body = chat(content=" ".join(["word"] * 300), stream=True)
+        last = None
+        with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                now = time.monotonic()
+                if line.startswith("data: {") and last is not None:
+                    gaps.append(now - last)
+                last = now
+
+    streamer = threading.Thread(target=stream_a_long_reply)
+    streamer.start()
+    time.sleep(1.0)  # the stream is flowing
+    huge = chat(content="a " * 1_950_000, n=16)  # 3.9 MB, two million words for the fake tokenizer
+    started = time.monotonic()
+    response = httpx.post(f"{cluster.url}/v1/chat/completions", content=json.dumps(huge),
+                          headers={"content-type": "application/json"}, timeout=60)
+    refused_after = time.monotonic() - started
+    streamer.join()
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert max(gaps) < 1.5, f"another stream stalled for {max(gaps):.1f} s"
+    assert refused_after < 20
