@@ -40,7 +40,7 @@ def test_two_workers_both_get_work_under_every_policy(cluster, policy):
     print(f"{policy}: jobs per worker {sorted(done.values())}")
     assert len(done) == 2 and sum(done.values()) == 48
     assert min(done.values()) >= 8, f"{policy} starved a worker: {done}"
-    assert report["models"]["fake"] == {"workers": 2, "slots": 8, "free": 8, "queued": 0}
+    assert report["models"]["fake"] == {"workers": 2, "slots": 8, "free": 8, "queued": 0, "max_model_len": 4096}
 
 
 def test_shortest_queue_spreads_even_one_request_at_a_time(cluster):
@@ -61,7 +61,7 @@ def test_status_command_prints_a_table_and_json(cluster):
     assert "WORKER" in table and "QUEUED" in table and "echo" in table
     report = json.loads(subprocess.run([*zmqchat, "--json"], capture_output=True, text=True, timeout=30,
                                        check=True).stdout)
-    assert report["models"]["echo"] == {"workers": 1, "slots": 3, "free": 3, "queued": 0}
+    assert report["models"]["echo"] == {"workers": 1, "slots": 3, "free": 3, "queued": 0, "max_model_len": 4096}
     assert report["workers"][0]["device"] == "fake"
 
 

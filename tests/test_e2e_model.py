@@ -54,6 +54,36 @@ def test_streamed_chat_completion_answers_paris(client):
     assert len(chunks) > 4  # tokens arrive as they are made, not in one piece
 
 
+def test_models_say_their_context_window(client):
+    assert client.models.retrieve(DEFAULT_MODEL_NAME).model_extra["max_model_len"] == 8192
+
+
+def test_logit_bias_of_minus_100_bans_a_token(client):
+    from transformers import AutoTokenizer
+
+    from zmqchat.models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(None, None)[0])
+    banned = {str(tokenizer.encode(word, add_special_tokens=False)[0]): -100 for word in ("Paris", " Paris")}
+    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0,
+                                           max_tokens=16, logit_bias=banned)
+    assert "Paris" not in reply.choices[0].message.content
+
+
+def test_min_tokens_keeps_a_short_answer_going(client):
+    alone = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=40)
+    assert alone.choices[0].finish_reason == "stop" and alone.usage.completion_tokens < 20  # "... is Paris."
+    longer = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0,
+                                            max_tokens=40, extra_body={"min_tokens": 20})
+    assert longer.usage.completion_tokens >= 20
+
+
+def test_the_shared_preamble_is_reported_as_cached_tokens(client):
+    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=2)
+    cached = reply.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < reply.usage.prompt_tokens  # the chat template's system prompt, not the question
+
+
 def test_max_tokens_cuts_the_reply(client):
     reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, max_tokens=2)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2

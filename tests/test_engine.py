@@ -514,3 +514,29 @@ def test_a_prompt_longer_than_the_window_could_hold_is_refused_before_tokenising
     assert runner.vocab_size == 1  # nothing was tokenised
     submit(engine, job("fits", "x " * 4))  # 8 characters: tokenised and run
     assert run_to_end(engine)["fits"]["text"] == "x x x x "
+
+
+def test_logit_bias_and_min_tokens_shape_the_logits():
+    import torch
+
+    from zmqchat.engine.sampler import apply_biases
+    from zmqchat.engine.sequence import Sequence
+
+    def seq(**params) -> Sequence:
+        return Sequence("s", [1], SamplingParams(temperature=0.0, top_p=1.0, **params), 8)
+
+    logits = torch.zeros(3, 5)
+    young = seq(min_tokens=2)
+    grown = seq(min_tokens=2)
+    grown.output_ids = [3, 3]
+    shaped = apply_biases(logits, [seq(logit_bias={1: 5.0, 4: -100.0}), young, grown], stop_token_ids={0})
+    assert shaped[0].tolist() == [0.0, 5.0, 0.0, 0.0, -100.0]
+    assert shaped[1, 0] == float("-inf") and shaped[1, 1:].tolist() == [0.0] * 4  # it may not end yet
+    assert shaped[2].tolist() == [0.0] * 5  # two tokens in: now it may
+    assert logits.tolist() == [[0.0] * 5] * 3  # the runner's logits are left as they were
+
+
+def test_min_tokens_holds_back_the_end_and_stop_strings(fake):
+    submit(fake, job("m", "a STOP b", stop=("STOP",), min_tokens=4))
+    result = run_to_end(fake)["m"]
+    assert result["text"] == "a STOP b" and result["usage"] == (3, 5)  # a STOP b, two ends it may not take, one it may

@@ -42,6 +42,7 @@ def assert_usage_adds_up(usage) -> None:
 def test_models_list_and_retrieve(client):
     assert [m.id for m in client.models.list()] == ["fake"]
     assert client.models.retrieve("fake").id == "fake"
+    assert client.models.retrieve("fake").model_extra["max_model_len"] == 4096  # vLLM's field
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-9")
 
@@ -154,7 +155,6 @@ def test_unsupported_parameters_get_a_400_that_names_them(client):
     cases = {
         "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
         "response_format.type": {"response_format": {"type": "json_object"}},
-        "logit_bias": {"logit_bias": {"5": 10}},
         "top_logprobs": {"top_logprobs": 3},  # without logprobs
         "n": {"n": 100},
     }
@@ -228,6 +228,32 @@ def test_streamed_completion(client):
 
 
 # -- keys -------------------------------------------------------------------------------------
+
+def test_a_completion_stream_ends_with_its_last_text(client):
+    """OpenAI's legacy endpoint puts finish_reason on the chunk of the last token, not on an empty one."""
+    chunks = [c.choices[0] for c in complete(client, "a b c d e", max_tokens=2, stream=True, logprobs=1)]
+    assert [(c.text, c.finish_reason) for c in chunks] == [("a ", None), ("b ", "length")]
+    assert chunks[-1].logprobs.tokens == ["b "]
+
+
+def test_stream_options_without_a_stream_get_a_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, stream_options={"include_usage": True})
+    assert info.value.param == "stream_options"
+
+
+def test_min_tokens_and_logit_bias_are_taken_and_checked(client):
+    # The fake says its words then ends; min_tokens holds its end back (its logits are not real,
+    # so logit_bias changes nothing it says, but is checked against its vocabulary).
+    reply = ask(client, "two words", extra_body={"min_tokens": 5}, logit_bias={"1": 50})
+    assert reply.choices[0].message.content == "two words" and reply.usage.completion_tokens == 6
+    for bias, param in (({"1": 101}, "logit_bias.1"), ({"x": 1}, "logit_bias.x")):
+        with pytest.raises(openai.BadRequestError) as info:
+            ask(client, logit_bias=bias)
+        assert info.value.param == param
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        ask(client, logit_bias={"999999": 1})
+
 
 def test_every_v1_route_wants_a_key_from_the_flag_or_the_file(cluster):
     wrong = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="wrong", max_retries=0)

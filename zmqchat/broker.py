@@ -53,6 +53,7 @@ class Worker:
     done: int = 0
     draining: bool = False  # finishing its jobs; gets no new ones
     stuck: bool = False  # held a job past its deadline without output; no new jobs until it sends output
+    max_model_len: int = 0  # its model's context window, as it announced it
 
 
 @dataclass(eq=False)
@@ -238,7 +239,8 @@ class Broker:
             last_heard=round(self.liveness - (w.expires - now), 3),
         ) for w in self.workers.values()]
         models = {model: p.ModelStatus(workers=len(ws), slots=sum(w.slots for w in ws),
-                                       free=sum(w.free for w in ws), queued=len(self.queues.get(model, ())))
+                                       free=sum(w.free for w in ws), queued=len(self.queues.get(model, ())),
+                                       max_model_len=min(w.max_model_len for w in ws))
                   for model, ws in self.serving.items()}
         return p.StatusReport(self.policy.name, workers, models)
 
@@ -301,7 +303,7 @@ class Broker:
             self.remove_worker(old, "announced itself again")
         models = list(dict.fromkeys(ready.models))  # a model named twice is served once
         worker = Worker(identity, ready.worker_id, models, ready.slots, ready.slots, ready.host, ready.device,
-                        time.monotonic() + self.liveness)
+                        time.monotonic() + self.liveness, max_model_len=ready.max_model_len)
         self.workers[identity] = worker
         for model in models:
             self.serving[model].append(worker)

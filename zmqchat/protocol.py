@@ -63,6 +63,8 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY]
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit an int64
+MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's; -100 bans the token
+MAX_BIASED_TOKENS = 1024  # tokens one request may bias
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
@@ -115,6 +117,7 @@ class Ready(Wire):
     host: Annotated[str, Meta(max_length=MAX_NAME)] = ""
     device: Annotated[str, Meta(max_length=MAX_NAME)] = ""
     pid: Count = 0
+    max_model_len: Count = 0  # the model's context window, in tokens (0: not said)
 
 
 class Heartbeat(Wire):
@@ -135,6 +138,11 @@ class SamplingParams(Wire, frozen=True):
     ignore_eos: bool = False  # run to max_tokens (vLLM's extension, for benchmarks)
     logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # top alternatives per token
     echo: bool = False  # the output starts with the prompt (/v1/completions)
+    min_tokens: Count = 0  # no end of sequence nor stop string before this many tokens (vLLM's)
+    # token id -> added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: Annotated[dict[Annotated[int, Meta(ge=0, le=MAX_INT)],
+                               Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+                          Meta(max_length=MAX_BIASED_TOKENS)] = field(default_factory=dict)
 
 
 class ChatMessage(Wire):
@@ -176,6 +184,7 @@ class TokenLogprob(Packed):
 class Usage(Packed):
     prompt_tokens: Count
     completion_tokens: Count
+    cached_tokens: Count = 0  # of the prompt's, whose KV the worker reused rather than computed
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -228,6 +237,7 @@ class ModelStatus(Wire):
     slots: int
     free: int
     queued: int
+    max_model_len: int = 0  # the smallest context window its workers announced (0: none said)
 
 
 class StatusReport(Wire):

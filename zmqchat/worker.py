@@ -192,7 +192,8 @@ class Worker:
         # Jobs still running belong to a broker connection that is gone: drop them first.
         self.jobs.put(("reset", None))
         self._send(p.Ready(worker_id=self.worker_id, models=[self.engine.model_name], slots=self.engine.slots,
-                           host=socket.gethostname(), device=self.device, pid=os.getpid()))
+                           host=socket.gethostname(), device=self.device, pid=os.getpid(),
+                           max_model_len=self.engine.max_model_len))
         log.info("worker %s announced %s (%d slots) to %s", self.worker_id,
                  self.engine.model_name, self.engine.slots, self.config.broker)
 

@@ -30,6 +30,7 @@ class Completion:
     Subclasses shape the choices of their API."""
 
     object: str  # of a whole response
+    finish_with_last_text = False  # the finish reason rides on the last text's chunk (legacy completions)
     chunk_object: str  # of each streamed chunk
     id_prefix: str
 
@@ -79,7 +80,9 @@ class Completion:
         # The n choices of one prompt read it once: its tokens are counted once.
         prompt = sum(o.usage.prompt_tokens for i, o in self.finished.items() if i % self.request.n == 0)
         completion = sum(o.usage.completion_tokens for o in self.finished.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(o.usage.cached_tokens for i, o in self.finished.items() if i % self.request.n == 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def json(self, first: Event) -> JSONResponse | dict:
         texts: dict[int, list[str]] = {}
@@ -116,9 +119,13 @@ class Completion:
             client.finish(self.stream)
 
     def _chunks(self, index: int, output: Output) -> list[str]:
-        """An Output's chunks: its new text, then its finish reason if it is the choice's last."""
+        """An Output's chunks: its new text, and its finish reason if it is the choice's last:
+        in the text's own chunk where the API does so, else in one of its own."""
+        has_text = bool(output.text or output.logprobs)
+        if has_text and output.finish is not None and self.finish_with_last_text:
+            return [self._chunk(self.chunk_choice(index, output.text, output.logprobs, output.finish))]
         chunks = []
-        if output.text or output.logprobs:
+        if has_text:
             chunks.append(self._chunk(self.chunk_choice(index, output.text, output.logprobs, None)))
         if output.finish is not None:
             chunks.append(self._chunk(self.chunk_choice(index, None, None, output.finish)))
@@ -173,6 +180,7 @@ class ChatCompletion(Completion):
 class TextCompletion(Completion):
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
+    finish_with_last_text = True  # as OpenAI's legacy endpoint streams it
     request: CompletionRequest
 
     def choice(self, index, text, logprobs, finish_reason) -> dict:

@@ -28,7 +28,7 @@ from zmqchat.client import BrokerClient, BrokerError
 from zmqchat.config import APIConfig
 from zmqchat.curve import describe
 from zmqchat.metrics import Metrics, RequestMetrics
-from zmqchat.protocol import ErrorCode
+from zmqchat.protocol import ErrorCode, ModelStatus
 
 log = logging.getLogger("zmqchat.api")
 
@@ -95,18 +95,20 @@ async def cluster_status(request: Request):
 @router.get("/v1/models")
 async def list_models(request: Request):
     report = await broker(request).status()
-    return {"object": "list", "data": [model_card(name) for name in sorted(report.models)]}
+    return {"object": "list", "data": [model_card(name, model) for name, model in sorted(report.models.items())]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str):
-    if model_id not in (await broker(request).status()).models:
+    model = (await broker(request).status()).models.get(model_id)
+    if model is None:
         return error_response(ERRORS[ErrorCode.MODEL_NOT_FOUND], f"The model '{model_id}' does not exist")
-    return model_card(model_id)
+    return model_card(model_id, model)
 
 
-def model_card(name: str) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "zmqchat"}
+def model_card(name: str, model: ModelStatus) -> dict:
+    """OpenAI's model object, with vLLM's max_model_len (the context window, in tokens)."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "zmqchat", "max_model_len": model.max_model_len}
 
 
 @router.post("/v1/chat/completions")

@@ -16,8 +16,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from zmqchat import protocol as p
 from zmqchat.config import COMPLETION_MAX_TOKENS
-from zmqchat.protocol import (MAX_INT, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
-                              SEED_RANGE)
+from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS,
+                              MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
 
 MAX_N = 16  # choices of one prompt
 MAX_CHOICES = 128  # choices of one request: prompts x n
@@ -38,6 +38,7 @@ Text = Annotated[str, AfterValidator(_utf8)]
 Count = Annotated[int, Field(ge=1, le=MAX_INT)]
 Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # a token id as a JSON object's key
 
 
 class Strict(BaseModel):
@@ -97,6 +98,17 @@ class GenerationRequest(Strict):
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT)  # vLLM's extension: no end before this many tokens
+    # token id (a JSON key, so a string) -> added to its logit; -100 bans it
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+                          Field(max_length=MAX_BIASED_TOKENS)] | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -113,7 +125,8 @@ class GenerationRequest(Strict):
             top_k=max(self.top_k or 0, 0),  # the wire says "no limit" with 0 only
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             stop=tuple(s for s in stop if s),  # an empty stop string stops nothing, and the wire refuses it
-            ignore_eos=self.ignore_eos,
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             seed=None if self.seed is None else (self.seed + index) % (SEED_RANGE[1] + 1), **own)
 
 

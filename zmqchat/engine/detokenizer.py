@@ -2,7 +2,8 @@
 
 The engine hands `append()` each sequence's new token (and, where the job asked, its logprobs
 from the sampler); it returns the text that may be sent now and sets `finish_reason` when the
-token ends the sequence: an end-of-sequence token, a stop string, or max_tokens. Text stays
+token ends the sequence: an end-of-sequence token, a stop string (neither before the job's
+min_tokens), or max_tokens. Text stays
 correct across multi-byte characters split over tokens, and a stop string is never sent,
 even split over tokens: a tail that may be its start is held back until it is not. Each
 token's logprob entry leaves (`take_logprobs()`) with the text it made. Pure Python over a
@@ -43,19 +44,20 @@ class Detokenizer:
     def append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> str:
         """Add one sampled token to `seq`; the text that may be sent now."""
         seq.output_ids.append(token)  # counted in usage even when it ends the sequence, as vLLM does
-        if token in self.stop_token_ids and not seq.params.ignore_eos:
+        may_stop = len(seq.output_ids) > seq.params.min_tokens
+        if token in self.stop_token_ids and not seq.params.ignore_eos and may_stop:
             return self._finish(seq, "stop")
         start = len(seq.text)
         seq.text += self._new_text(seq)
         if logprobs is not None:
             seq.logprobs.append((start, len(seq.text), self._entry(token, *logprobs, seq.echo_length + start)))
-        stop_at = _find_stop(seq)
+        stop_at = _find_stop(seq) if may_stop else -1
         if stop_at >= 0:
             seq.text = seq.text[:stop_at]
             return self._finish(seq, "stop")
         if len(seq.output_ids) >= seq.max_tokens:
             return self._finish(seq, "length")
-        end = len(seq.text) - _stop_prefix_len(seq)  # hold back what may be a stop string's start
+        end = len(seq.text) - (_stop_prefix_len(seq) if may_stop else 0)  # hold back a stop string's start
         delta = seq.text[seq.sent:end]
         seq.sent = max(seq.sent, end)
         return delta

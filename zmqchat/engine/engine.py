@@ -55,6 +55,10 @@ class Engine:
         return self.runner.model_name
 
     @property
+    def max_model_len(self) -> int:
+        return self.runner.context_window
+
+    @property
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
 
@@ -66,6 +70,9 @@ class Engine:
         JobError. It reads no batch state, so the worker calls it on a thread of its own: a
         long prompt's tokenisation never stalls the running batch."""
         params = resolve(job.params, self.runner.sampling_defaults)
+        if any(token >= self.runner.vocab_size for token in params.logit_bias):
+            raise JobError(ErrorCode.INVALID_REQUEST,
+                           f"logit_bias names a token id outside the vocabulary [0, {self.runner.vocab_size})")
         prompt_ids, prompt_text = self._encode(job)
         seq = Sequence(job.id, prompt_ids, params, self._max_tokens(len(prompt_ids), params.max_tokens), job)
         if params.echo and prompt_text is not None:  # token ids are decoded for echo by add(), on the engine thread
@@ -175,5 +182,5 @@ class Engine:
     def _output(self, seq: Sequence, text: str) -> Output:
         """`seq`'s output of `text`, with (and handing out) the logprobs that go with it."""
         logprobs = None if seq.params.logprobs is None else self.detokenizer.take_logprobs(seq)
-        usage = Usage(len(seq.prompt_ids), len(seq.output_ids)) if seq.finish_reason else None
+        usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens) if seq.finish_reason else None
         return Output(seq.id, text, logprobs, seq.finish_reason, usage)

@@ -60,7 +60,8 @@ class FakeRunner:
         return self.encode_chat([ChatMessage("user", text)])
 
     def decode(self, token_ids: list[int]) -> str:
-        return "".join(self.words[t] for t in token_ids)
+        """The words, without the end-of-sequence token, as a tokenizer skips its special tokens."""
+        return "".join(self.words[t] for t in token_ids if t != EOS)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.words[token_id].encode()

@@ -129,7 +129,7 @@ class HFRunner:
                 logits.append(self._prefill(batch.new))
             if not logits:
                 return [], []
-            return sample(torch.cat(logits), batch.sequences, self.generators)
+            return sample(torch.cat(logits), batch.sequences, self.generators, self.stop_token_ids)
 
     def _forward(self, input_ids, mask, positions, cache):
         """Logits of each row's last position."""
@@ -162,6 +162,8 @@ class HFRunner:
             for layer, (keys, values) in enumerate(self._preamble_kv()):
                 cache.update(keys.expand(len(new), -1, -1, -1), values.expand(len(new), -1, -1, -1), layer)
         logits = self._forward(ids, mask, positions, cache)
+        for seq, reused_preamble in zip(new, reused):
+            seq.cached_tokens = n if reused_preamble else 0
         self._append_rows(cache, mask)
         self.generators += [seeded_generator(s.params.seed, self.device) for s in new]
         return logits

@@ -2,7 +2,8 @@
 
 The model runner hands over one step's logits (a row per sequence, in the batch's order) and
 the sequences; out come token ids and, for the sequences that asked, logprobs. Penalties
-first, then greedy decoding at temperature 0, otherwise sampling from the tempered
+first (OpenAI's presence and frequency penalties and logit_bias, and, below a sequence's
+min_tokens, a ban on its stop tokens), then greedy decoding at temperature 0, otherwise sampling from the tempered
 distribution cut to top_k and top_p, with a sequence's own generator where it asked for a seed.
 """
 
@@ -17,10 +18,10 @@ GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
 NUCLEUS_CANDIDATES = (64, 1024)  # likeliest tokens looked at for top_p, before sorting a whole vocabulary
 
 
-def sample(logits, seqs: list[Sequence], generators: list) -> tuple[list[int], list]:
+def sample(logits, seqs: list[Sequence], generators: list, stop_token_ids: set[int]) -> tuple[list[int], list]:
     """Each sequence's next token from its row of `logits`, and its logprobs where it asked
     (see `token_logprobs`). `generators`: each row's own, or None."""
-    logits = apply_penalties(logits, seqs)
+    logits = apply_biases(apply_penalties(logits, seqs), seqs, stop_token_ids)
     tokens = sample_batch(logits, [s.params for s in seqs], generators)
     return tokens, token_logprobs(logits, tokens, [s.params.logprobs for s in seqs])
 
@@ -83,6 +84,23 @@ def apply_penalties(logits, seqs: list[Sequence]):
         counts = torch.bincount(torch.tensor(seqs[i].output_ids, device=logits.device),
                                 minlength=logits.shape[-1])[:logits.shape[-1]].float()
         logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def apply_biases(logits, seqs: list[Sequence], stop_token_ids: set[int]):
+    """Each row's logit_bias added; a row short of its min_tokens cannot end (its stop tokens
+    get -inf), as vLLM does it."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logit_bias or len(s.output_ids) < s.params.min_tokens]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    for i in rows:
+        params = seqs[i].params
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+        if len(seqs[i].output_ids) < params.min_tokens and stop_token_ids:
+            logits[i, list(stop_token_ids)] = float("-inf")
     return logits
 
 

@@ -2,8 +2,9 @@
 
 A Sequence is built by the engine from a protocol.Submit: its prompt tokens, its sampling
 parameters resolved with the model's own defaults, and the most tokens it may generate. The
-runner appends nothing to it: the detokeniser appends each sampled token, with the text it
-makes, and the pending logprobs that leave with that text.
+runner only notes how many prompt tokens it did not compute (their KV was cached); the
+detokeniser appends each sampled token, with the text it makes, and the pending logprobs that
+leave with that text.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Sequence:
     job: Submit | None = None  # what the client sent (the fake runner answers its last user message)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # of the prompt, whose KV the runner reused (set at prefill)
     # The detokeniser's state.
     text: str = ""  # output decoded so far
     sent: int = 0  # characters of `text` already handed out
