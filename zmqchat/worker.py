@@ -332,11 +332,9 @@ class Worker:
                 self.engine.add(arg)
                 log.debug("request %s: accepted", arg.id)
             except JobError as exc:
-                log.info("request %s: refused (%s): %s", arg.id, exc.code.value, exc.message)
-                send(p.Error(arg.id, exc.code, exc.message))
-        elif kind == "error":
-            log.info("request %s: refused (%s): %s", arg.id, arg.code.value, arg.message)
-            send(arg)
+                self._refuse(p.Error(arg.id, exc.code, exc.message), send)
+        elif kind == "error":  # refused while it was prepared
+            self._refuse(arg, send)
         elif kind == "cancel":
             for job_id in arg:
                 output = self.engine.cancel(job_id)
@@ -346,6 +344,12 @@ class Worker:
         elif kind == "reset":
             for job_id in self.engine.job_ids():
                 self.engine.cancel(job_id)
+
+
+    @staticmethod
+    def _refuse(error: p.Error, send) -> None:
+        log.info("request %s: refused (%s): %s", error.id, error.code.value, error.message)
+        send(error)
 
 
 def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
