@@ -184,16 +184,17 @@ def format_table(reports: list[LevelReport]) -> str:
     return "\n".join(lines) + "\n(latencies in ms)"
 
 
-def measure_ceiling(model_path: str | None, batch: int, max_tokens: int, device: str = "auto") -> dict:
+def measure_ceiling(model_path: str | None, batch: int, max_tokens: int, device: str = "auto",
+                    quantize: str = "none") -> dict:
     """What the bare model does with no serving around it: the mean prefill time of one
     prompt (the floor for time to first token) and a plain batched greedy decode loop at
-    `batch` over the same prompts (the ceiling for output tokens/s)."""
+    `batch` over the same prompts (the ceiling for output tokens/s), with each row's tokens."""
     import torch
     from transformers import DynamicCache
 
     from zmqchat import models
 
-    loaded = models.load(model_path, device=device)
+    loaded = models.load(model_path, device=device, quantize=quantize)
     model, tokenizer, dev = loaded.model, loaded.tokenizer, loaded.device
     cache_arg = models.cache_argument(model)
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -222,18 +223,47 @@ def measure_ceiling(model_path: str | None, batch: int, max_tokens: int, device:
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=dev)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
         cache = DynamicCache()
-        token = forward(ids, mask, cache)
+        tokens = [forward(ids, mask, cache)]
         sync()
         started = time.perf_counter()
-        for _ in range(max_tokens):
+        for _ in range(max_tokens - 1):
             mask = torch.nn.functional.pad(mask, (0, 1), value=1)
-            token = forward(token, mask, cache)
+            tokens.append(forward(tokens[-1], mask, cache))
         sync()
         decode = time.perf_counter() - started
     return {"model": loaded.name, "device": loaded.description, "batch": batch,
             "prefill_ms_mean": 1000 * statistics.mean(prefill_times[1:]),
-            "decode_step_ms": 1000 * decode / max_tokens,
-            "decode_tokens_per_s": batch * max_tokens / decode}
+            "decode_step_ms": 1000 * decode / (max_tokens - 1),
+            "decode_tokens_per_s": batch * (max_tokens - 1) / decode,
+            "tokens": torch.cat(tokens, 1).tolist()}
+
+
+def compare_weights(model_path: str | None, formats: list[str], batches: list[int], max_tokens: int,
+                    device: str = "auto") -> list[dict]:
+    """Per weight format: the bare model's decode tokens/s at each batch size, and its greedy
+    agreement with the first format over the built-in prompts (prompts whose first
+    `max_tokens` tokens are identical, and the mean length of the identical prefix)."""
+    rows, reference = [], None
+    for weights in formats:
+        runs = {batch: measure_ceiling(model_path, batch, max_tokens, device, weights)
+                for batch in sorted(set(batches) | {len(PROMPTS)})}
+        answers = runs[len(PROMPTS)]["tokens"]
+        reference = reference or answers
+        prefixes = [next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), max_tokens)
+                    for mine, theirs in zip(answers, reference)]
+        rows.append({"weights": weights, "device": runs[len(PROMPTS)]["device"],
+                     "tokens_per_s": {b: runs[b]["decode_tokens_per_s"] for b in batches},
+                     "identical": sum(p == max_tokens for p in prefixes), "prompts": len(prefixes),
+                     "mean_prefix": statistics.mean(prefixes)})
+        print(format_weights_row(rows[-1], formats[0], max_tokens), flush=True)
+    return rows
+
+
+def format_weights_row(row: dict, reference: str, max_tokens: int) -> str:
+    speeds = ", ".join(f"batch {b}: {v:.1f} tok/s" for b, v in row["tokens_per_s"].items())
+    return (f"{row['weights']:>5} ({row['device']}): {speeds}; greedy agreement with {reference} over "
+            f"{max_tokens} tokens: {row['identical']}/{row['prompts']} prompts identical, "
+            f"mean identical prefix {row['mean_prefix']:.1f} tokens")
 
 
 def run(config: BenchConfig) -> dict:

@@ -27,6 +27,9 @@ device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (all GPUs through accelerate, else CPU), cpu, cuda, cuda:N.")
 dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
                             default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+quantize_option = click.option("--quantize", type=click.Choice(c.QUANTIZE_METHODS), default="none",
+                               show_default=True, help="Linear weights in 8 bits (fastest at many streams) or "
+                               "4 bits (fewest bytes per step); CPU only.")
 max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=c.SLOTS,
                                 show_default=True, help="Sequences a worker runs at once (its slots).")
 max_tokens_option = click.option("--max-tokens-in-flight", type=click.IntRange(16), default=None,
@@ -92,6 +95,16 @@ def api_config(**fields) -> APIConfig:
     return config
 
 
+def comma_separated_ints(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter("use comma-separated positive integers, e.g. 1,8,16")
+    return numbers
+
+
 def all_api_keys(api_keys: tuple[str, ...], api_key_file: Path | None) -> tuple[str, ...]:
     from zmqchat.api import read_api_keys
 
@@ -138,6 +151,7 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int, no_worker_g
 @click.option("--broker", default=c.BACKEND, help="The broker's worker address.")
 @device_option
 @dtype_option
+@quantize_option
 @max_batch_option
 @max_tokens_option
 @drain_option
@@ -146,8 +160,8 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int, no_worker_g
 @curve_option
 @curve_name_option("worker")
 @log_level_option
-def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_in_flight, drain_timeout, fake,
-           fake_delay, curve_dir, curve_name, log_level) -> None:
+def worker(model_path, model_name, broker, device, dtype, quantize, max_batch, max_tokens_in_flight, drain_timeout,
+           fake, fake_delay, curve_dir, curve_name, log_level) -> None:
     """Run a worker serving MODEL_PATH (a model folder, a hub id or a GGUF file).
 
     With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct.
@@ -155,7 +169,7 @@ def worker(model_path, model_name, broker, device, dtype, max_batch, max_tokens_
     from zmqchat import worker as role
 
     role.run(WorkerConfig(
-        model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype,
+        model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype, quantize=quantize,
         max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake, fake_delay=fake_delay,
         drain_timeout=c.WORKER_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
         curve=from_folder(curve_dir, curve_name)))
@@ -198,6 +212,7 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeo
 @policy_option
 @device_option
 @dtype_option
+@quantize_option
 @max_batch_option
 @max_tokens_option
 @api_key_option
@@ -208,7 +223,7 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeo
 @click.option("--curve", "curve_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Turn CURVE on between the parts, with keys in this folder (created if missing).")
 @log_level_option
-def serve(model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype,
+def serve(model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype, quantize,
           max_batch, max_tokens_in_flight, api_keys, api_key_file, fake, fake_delay, curve_dir, log_level,
           **guards) -> None:
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
@@ -217,7 +232,7 @@ def serve(model_path, model_name, workers, host, port, frontend, backend, policy
     sys.exit(role.run(ServeConfig(
         broker=BrokerConfig(frontend=frontend, backend=backend, policy=policy, insecure=guards["insecure"]),
         worker=WorkerConfig(model_path=model_path, model_name=model_name, device=device, dtype=dtype,
-                            max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake,
+                            quantize=quantize, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake,
                             fake_delay=fake_delay),
         api=api_config(host=host, port=port, api_keys=all_api_keys(api_keys, api_key_file), **guards),
         workers=workers, curve_dir=curve_dir, log_level=log_level)))
@@ -266,7 +281,7 @@ def format_status(report) -> str:
 @main.command()
 @click.option("--base-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
 @click.option("--model", required=True, help="Model name to request.")
-@click.option("--concurrency", default="1,8", help="Comma-separated concurrency levels.")
+@click.option("--concurrency", default="1,8", callback=comma_separated_ints, help="Comma-separated concurrency levels.")
 @click.option("--requests", type=click.IntRange(1), default=None,
               help="Requests per level [default: 4 x concurrency, at least 8].")
 @click.option("--max-tokens", type=click.IntRange(1), default=64)
@@ -286,14 +301,30 @@ def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignor
     """Load an OpenAI-compatible server and report throughput and latencies."""
     from zmqchat import bench as role
 
-    try:
-        levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    except ValueError:
-        raise click.BadParameter("use comma-separated integers, e.g. 1,8,16", param_hint="--concurrency") from None
-    role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=levels, requests=requests,
+    role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=concurrency, requests=requests,
                               max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
                               stream=stream, api_key=api_key, output=output,
                               ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device))
+
+
+@main.command("bench-weights")
+@click.argument("model_path", required=False)
+@click.option("--weights", default=",".join(c.QUANTIZE_METHODS), show_default=True,
+              callback=lambda ctx, param, value: [w.strip() for w in value.split(",") if w.strip()],
+              help="Comma-separated weight formats; the first is the reference for agreement.")
+@click.option("--batch", default="1,16", callback=comma_separated_ints, help="Comma-separated batch sizes.")
+@click.option("--max-tokens", type=click.IntRange(2), default=64, show_default=True)
+@device_option
+@log_level_option
+def bench_weights(model_path, weights, batch, max_tokens, device, log_level) -> None:
+    """Time the bare model's batched greedy decode in each weight format (--quantize), and
+    report each format's greedy agreement with the first over the benchmark prompts."""
+    from zmqchat import bench as role
+
+    if unknown := sorted(set(weights) - set(c.QUANTIZE_METHODS)):
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(c.QUANTIZE_METHODS)}",
+                                 param_hint="--weights")
+    role.compare_weights(model_path, weights, batch, max_tokens, device)
 
 
 @main.command()

@@ -34,6 +34,7 @@ MAX_QUEUE = 1024  # jobs waiting per model before new ones are refused
 NO_WORKER_GRACE = 15.0
 
 SLOTS = 16  # sequences a worker runs at once
+QUANTIZE_METHODS = ("none", "int8", "int4")  # weight formats a worker may serve (quantize.py)
 DEFAULT_MAX_TOKENS = 1024  # for a chat that sets no max_tokens: a bound, not a whole context window
 COMPLETION_MAX_TOKENS = 16  # for a completion that sets none, as OpenAI's legacy endpoint
 FAKE_DELAY = 0.02  # seconds per step of the fake engine
@@ -71,6 +72,7 @@ class WorkerConfig:
     broker: str = BACKEND
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"  # one of QUANTIZE_METHODS (zmqchat/quantize.py)
     max_batch: int = SLOTS
     max_tokens_in_flight: int | None = None  # KV-cache tokens; None: half the free memory
     fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)

@@ -27,7 +27,11 @@ DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 CACHE_FORMAT = 2  # bumped when a converted folder's contents change
 
 
-class ModelNotFound(RuntimeError):
+class LoadError(RuntimeError):
+    """A model that cannot be served as asked; its message says why."""
+
+
+class ModelNotFound(LoadError):
     pass
 
 
@@ -121,9 +125,11 @@ def cache_argument(model) -> str:
 
 
 def load(model_path: str | None = None, model_name: str | None = None,
-         device: str = "auto", dtype: str = "auto") -> LoadedModel:
+         device: str = "auto", dtype: str = "auto", quantize: str = "none") -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zmqchat.quantize import quantize as quantize_weights
 
     source, name = resolve(model_path, model_name)
     cuda = torch.cuda.is_available()
@@ -145,4 +151,8 @@ def load(model_path: str | None = None, model_name: str | None = None,
     input_device = str(model.get_input_embeddings().weight.device)
     placed = getattr(model, "hf_device_map", {}).values()
     devices = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed} or {input_device})
-    return LoadedModel(name, model, tokenizer, input_device, f"{','.join(devices)} {str(torch_dtype)[6:]}")
+    description = f"{','.join(devices)} {str(torch_dtype)[6:]}"
+    if quantize != "none":
+        model = quantize_weights(model, quantize)
+        description += f" {quantize}"
+    return LoadedModel(name, model, tokenizer, input_device, description)

@@ -38,6 +38,7 @@ from zmqchat import protocol as p
 from zmqchat.config import WorkerConfig
 from zmqchat.curve import describe, secure_client
 from zmqchat.engine import Engine
+from zmqchat.models import LoadError
 from zmqchat.protocol import ErrorCode, JobError
 
 log = logging.getLogger("zmqchat.worker")
@@ -361,12 +362,16 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     from zmqchat import models
     from zmqchat.engine import HFRunner
 
-    loaded = models.load(config.model_path, config.model_name, config.device, config.dtype)
+    loaded = models.load(config.model_path, config.model_name, config.device, config.dtype, config.quantize)
     return Engine(HFRunner(loaded, config.max_tokens_in_flight), config.max_batch), loaded.description
 
 
 def run(config: WorkerConfig) -> None:
-    engine, device = build_engine(config)
+    try:
+        engine, device = build_engine(config)
+    except LoadError as exc:
+        log.error("cannot serve the model: %s", exc)
+        raise SystemExit(2) from None
     worker = Worker(config, engine, device)
     log.info(describe(config.curve))
     signal.signal(signal.SIGTERM, worker.stop)

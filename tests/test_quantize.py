@@ -1,0 +1,92 @@
+"""Lighter weights (--quantize): the int4 layer's arithmetic, and the default model served in
+each format through a real worker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from openai import OpenAI
+from test_engine import job, run_to_end, submit
+from torch import nn
+
+from zmqchat import models
+from zmqchat.engine import Engine, HFRunner
+from zmqchat.models import DEFAULT_MODEL_NAME
+from zmqchat.quantize import INT4_GROUP, Int4Linear, quantize_groups
+
+
+def test_int4_codes_rebuild_weights_already_on_a_4_bit_grid_exactly():
+    # What a GGUF Q4_1 block holds: codes 0..15, a scale and a minimum per 32 weights.
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (8, 4 * INT4_GROUP))
+    codes[:, ::INT4_GROUP] = 0  # each group spans its whole range, as Q4_1's own rounding makes it
+    codes[:, 1::INT4_GROUP] = 15
+    scales = torch.rand(8, 4, 1) / 10
+    minimums = torch.randn(8, 4, 1)
+    weight = (codes.reshape(8, 4, INT4_GROUP) * scales + minimums).reshape(8, -1)
+    found, _ = quantize_groups(weight, INT4_GROUP)
+    assert torch.equal(found, codes.to(torch.int32))
+
+
+def test_int4_linear_computes_what_its_dequantised_weights_do():
+    torch.manual_seed(0)
+    linear = nn.Linear(4 * INT4_GROUP, 96, bias=True)
+    x = torch.randn(3, 5, 4 * INT4_GROUP)
+    codes, scales_and_zeros = quantize_groups(linear.weight.detach(), INT4_GROUP)
+    scales, zeros = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
+    dequantised = ((codes.reshape(96, -1, INT4_GROUP) - 8) * scales[..., None] + zeros[..., None]).reshape(96, -1)
+    expected = x @ dequantised.T + linear.bias
+    got = Int4Linear(linear)(x)
+    assert got.shape == (3, 5, 96) and got.dtype == torch.float32
+    # Activations go through the kernel in bfloat16: about 3 significant digits.
+    assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item())
+
+
+def test_a_layer_whose_inputs_do_not_fill_whole_groups_is_left_alone():
+    assert Int4Linear.fits(nn.Linear(64, 8)) and not Int4Linear.fits(nn.Linear(40, 8))
+
+
+@pytest.fixture(scope="module")
+def float32_answers() -> dict[str, str]:
+    return greedy_answers(models.load(device="cpu"))
+
+
+def greedy_answers(loaded) -> dict[str, str]:
+    engine = Engine(HFRunner(loaded), slots=len(QUESTIONS))
+    for question in QUESTIONS:
+        submit(engine, job(question, question, temperature=0, max_tokens=24))
+    return {question: result["text"] for question, result in run_to_end(engine).items()}
+
+
+QUESTIONS = ["What is the capital of France?", "Explain in two sentences why the sky is blue.",
+             "Write a haiku about the sea."]
+
+
+@pytest.mark.model
+def test_int4_keeps_the_default_models_greedy_answers(float32_answers):
+    """The default model's file is 4-bit already: int4 keeps its grid, so only the bfloat16
+    arithmetic of the kernel differs, and the answers start the same (the README gives the
+    agreement over 64 tokens of 16 prompts)."""
+    answers = greedy_answers(models.load(device="cpu", quantize="int4"))
+    for question, answer in answers.items():
+        assert answer[:40] == float32_answers[question][:40]
+
+
+@pytest.mark.model
+def test_int8_answers_a_question_with_one_right_answer(float32_answers):
+    # int8 quantises activations too, and this tiny model's answers drift from float32's
+    # after a few tokens (README: the agreement figures); a fact survives.
+    answers = greedy_answers(models.load(device="cpu", quantize="int8"))
+    assert "Paris" in answers[QUESTIONS[0]] and "Paris" in float32_answers[QUESTIONS[0]]
+
+
+@pytest.mark.model
+def test_a_worker_started_with_quantize_serves_and_reports_its_format(cluster):
+    cluster.broker()
+    cluster.worker("--quantize", "int4", "--device", "cpu", fake=False)
+    cluster.api()
+    assert cluster.status()["workers"][0]["device"] == "cpu float32 int4"
+    client = OpenAI(base_url=f"{cluster.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, temperature=0, max_tokens=12,
+                                           messages=[{"role": "user", "content": QUESTIONS[0]}])
+    assert "Paris" in reply.choices[0].message.content

@@ -1,0 +1,97 @@
+"""Lighter weights for a loaded model's Linear layers: `--quantize int8` or `int4`.
+
+A decode step of a small model reads every weight once per step, so fewer bytes per weight
+and integer matmul kernels are the levers on a CPU (issue 14 measured them on the default model):
+
+- int8: PyTorch's dynamic quantisation (int8 weights, activations quantised per step, fbgemm
+  kernels using VNNI). Fastest at many streams: about 2.6x float32 at batch 16. CPU only.
+- int4: groupwise 4-bit weights (a scale and a minimum per 32 weights, as GGUF's Q4_1, so the
+  embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
+  int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
+  its one fast path, which is where int4 departs from float32. CPU only here:
+  CUDA's int4pack layout differs and is not tested yet, so it is refused rather than guessed.
+
+Layers whose shape the kernel cannot take stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from zmqchat.config import QUANTIZE_METHODS
+from zmqchat.models import LoadError
+
+log = logging.getLogger("zmqchat.quantize")
+
+INT4_GROUP = 32  # weights sharing a scale and a minimum: GGUF's Q4_0/Q4_1 block size
+
+
+def quantize(model: nn.Module, method: str) -> nn.Module:
+    """`model` with its Linear layers in `method`'s format, changed in place."""
+    if method == "none":
+        return model
+    devices = {str(p.device) for p in model.parameters()}
+    if devices != {"cpu"}:
+        raise LoadError(f"--quantize {method} runs on the CPU only for now (the model is on "
+                            f"{', '.join(sorted(devices))})")
+    # The LM head stays as it is: it is the tied input embedding (8-bit in the default model's
+    # file), and quantised again the next-token ranking suffers most (greedy answers changed).
+    head = model.get_output_embeddings()
+    if method == "int8":
+        # Deprecated in favour of torchao, whose own int8 path measured far slower here.
+        layers = {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head}
+        return torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
+    if method == "int4":
+        replaced = _replace_linears(model, lambda linear: linear is not head and Int4Linear.fits(linear), Int4Linear)
+        log.info("int4: %d Linear layers in groups of %d weights", replaced, INT4_GROUP)
+        return model
+    raise LoadError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZE_METHODS)}")
+
+
+def _replace_linears(module: nn.Module, fits, make) -> int:
+    replaced = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) and fits(child):
+            setattr(module, name, make(child))
+            replaced += 1
+        else:
+            replaced += _replace_linears(child, fits, make)
+    return replaced
+
+
+class Int4Linear(nn.Module):
+    """A Linear layer with 4-bit weights in groups along the input, for the int4pack kernel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        codes, self.scales_and_zeros = quantize_groups(linear.weight.detach().float(), INT4_GROUP)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.out_features = linear.out_features
+        self.bias = linear.bias
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        return linear.in_features % INT4_GROUP == 0 and linear.weight.device.type == "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # float32 input takes a slow path
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes 0..15 as int32 [out, in], scales and zeros [in/group, out, 2] in bfloat16) such
+    that a weight is code * scale + minimum of its group. The kernel takes the group's middle
+    (minimum + 8 scales) as its "zero"."""
+    groups = weight.reshape(-1, group)
+    low = groups.amin(1, keepdim=True)
+    scales = ((groups.amax(1, keepdim=True) - low) / 15).clamp(min=1e-6)
+    codes = ((groups - low) / scales).round().clamp(0, 15).to(torch.int32).reshape_as(weight)
+    zeros = low + 8 * scales
+    rows = weight.shape[0]
+    scales_and_zeros = torch.stack([scales.reshape(rows, -1), zeros.reshape(rows, -1)], dim=2)
+    return codes, scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
