@@ -1,8 +1,8 @@
-"""The zmqchat wire protocol, ZMQCHAT/2: every message between frontends, broker and workers.
+"""The zmqchat wire protocol, ZMQCHAT/3: every message between frontends, broker and workers.
 
 A message is three ZeroMQ frames, after the peer's identity on a ROUTER socket:
 
-    [b"ZMQCHAT/2"] [command: 1 byte] [body: msgpack]
+    [b"ZMQCHAT/3"] [command: 1 byte] [body: msgpack]
 
 Each command's body is one typed struct below, encoded by msgspec. Nothing outside this
 module builds or parses frames: `encode()` turns a message into frames; `decode()` turns
@@ -18,8 +18,10 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
                        text or token ids)
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
-                       its tokens' logprobs where the job asked, and for a finished sequence its
-                       finish reason and usage. The broker frees a slot for each finished output.
+                       the number of tokens it covers, their logprobs where the job asked, and
+                       for a finished sequence its finish reason; a sequence's first and last
+                       outputs carry its usage so far (so a frontend knows the prompt's size from
+                       the start). The broker frees a slot for each finished output.
   ERROR       W/B->F   Error: a job that ended without an answer, with an ErrorCode (never an HTTP
                        status: which status a code gets is the API's business)
   DISCONNECT  W->B     Disconnect: with `drain`, the worker takes no new jobs and finishes those it
@@ -44,7 +46,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta, Struct, field
 
-PROTOCOL = b"ZMQCHAT/2"
+PROTOCOL = b"ZMQCHAT/3"  # /3: Output counts its tokens, and its first carries usage
 
 # -- limits -------------------------------------------------------------------------------
 
@@ -195,13 +197,17 @@ class Output(Packed):
 
     id: Id
     text: str = ""
+    # Tokens generated since the sequence's previous output (text held back, as a possible stop
+    # string, waits for a later output; its tokens are counted there). Second, so that it costs
+    # one byte in the common output [id, text, tokens].
+    tokens: Count = 0
     logprobs: list[TokenLogprob] | None = None  # of the tokens that made `text`, where the job asked
     finish: FinishReason | None = None  # set on the sequence's last output
-    usage: Usage | None = None  # with `finish`
+    usage: Usage | None = None  # so far: on the sequence's first output, and on its last (with `finish`)
 
     def __post_init__(self):
-        if (self.finish is None) != (self.usage is None):
-            raise ValueError("a finished output has usage, and only a finished one")
+        if self.finish is not None and self.usage is None:
+            raise ValueError("a finished output has usage")
 
 
 class Step(Wire):
