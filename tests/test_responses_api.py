@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import wait_for
+from conftest import Cluster, wait_for
 
 from zmqchat.api.responses_api import ResponseStore, StoredResponse
 from zmqchat.api.schemas import ChatMessage
@@ -143,6 +143,23 @@ def test_unsupported_parameters_and_inputs_get_a_400_that_names_them(client):
         with pytest.raises(openai.BadRequestError) as info:
             respond(client, **options)
         assert info.value.param == param and param.split(".")[0] in info.value.message
+
+
+def test_a_stream_that_fails_mid_way_ends_with_response_failed(tmp_path):
+    slow = Cluster(tmp_path)
+    try:
+        slow.broker()
+        slow.worker("--fake-delay", "0.3")
+        slow.api("--timeout", "1")
+        client = openai.OpenAI(base_url=f"{slow.url}/v1", api_key="unused", max_retries=0)
+        events = list(respond(client, " ".join(["word"] * 20), stream=True))
+    finally:
+        slow.stop()
+    assert "response.output_text.delta" in [event.type for event in events]  # it had begun
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.status == "failed"
+    assert failed.response.error.code == "timeout" and "deadline" in failed.response.error.message
+    assert [event.sequence_number for event in events] == list(range(len(events)))
 
 
 def test_no_request_above_leaked_a_slot(cluster):

@@ -137,8 +137,9 @@ class Completion:
 
     def closing_chunks(self) -> list[str]:
         """What a stream sends after the last output: the usage where asked, and its end."""
-        usage = [_sse({**self._header(self.chunk_object), "choices": [], "usage": self._usage()})]
-        return [*(usage if self.request.include_usage else []), "data: [DONE]\n\n"]
+        if not self.request.include_usage:
+            return ["data: [DONE]\n\n"]
+        return [_sse({**self._header(self.chunk_object), "choices": [], "usage": self._usage()}), "data: [DONE]\n\n"]
 
     def error_chunks(self, error: BrokerError) -> list[str]:
         """What a stream sends when an error ends it."""

@@ -22,17 +22,17 @@ from zmqchat.api.schemas import (ChatCompletionRequest, ChatMessage, Count, Mode
                                  Temperature, Text, TopP)
 from zmqchat.client import BrokerError, Stream
 from zmqchat.metrics import RequestMetrics
-from zmqchat.protocol import MAX_ID, TokenLogprob
+from zmqchat.protocol import MAX_ID, Output, TokenLogprob
 
 MAX_METADATA = 16  # key-value pairs, as OpenAI allows, of up to 64 and 512 characters
-ANNOTATIONS = 64  # of an output_text part replayed as input (ignored)
+MAX_ANNOTATIONS = 64  # of an output_text part sent back as input (ignored)
 
 
 class InputText(Strict):
     # output_text: an earlier response's output item, sent back as input (its annotations ignored)
     type: Literal["input_text", "output_text"]
     text: Text
-    annotations: Annotated[list[dict], Field(max_length=ANNOTATIONS)] | None = None
+    annotations: Annotated[list[dict], Field(max_length=MAX_ANNOTATIONS)] | None = None
 
 
 class InputMessage(Strict):
@@ -181,7 +181,7 @@ class ResponsesCompletion(Completion):
                 self._event("response.output_item.added", output_index=0, item=self._message("in_progress", [])),
                 self._event("response.content_part.added", **self._where(), part=_output_text(""))]
 
-    def output_chunks(self, index: int, output) -> list[str]:
+    def output_chunks(self, index: int, output: Output) -> list[str]:
         if not output.text:
             return []
         self.streamed.append(output.text)
