@@ -31,8 +31,9 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
                        (workers, models, queues)
 
 Structs that cross the wire once per job or per peer are msgpack maps (field names as keys);
-those sent for every token (Output and what it holds) are arrays of their fields in order,
-trailing defaults left out, since they are the hot path.
+those sent for every token (Output and what it holds) are arrays of their fields in order, since
+they are the hot path. An array holds every field, defaults too (msgspec omits defaults from
+maps only), so a field added to Output costs its bytes in every output.
 
 The limits here (sizes, counts, the ranges of sampling parameters) are the wire's own, checked
 on decode; the API's request schemas use the same constants.
@@ -108,8 +109,8 @@ class Wire(Struct, omit_defaults=True, forbid_unknown_fields=True):
     """A struct sent as a msgpack map, fields at their defaults left out."""
 
 
-class Packed(Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
-    """A struct sent as a msgpack array, trailing defaults left out."""
+class Packed(Struct, array_like=True, forbid_unknown_fields=True):
+    """A struct sent as a msgpack array of every field, in order."""
 
 
 class Ready(Wire):
@@ -198,8 +199,7 @@ class Output(Packed):
     id: Id
     text: str = ""
     # Tokens generated since the sequence's previous output (text held back, as a possible stop
-    # string, waits for a later output; its tokens are counted there). Second, so that it costs
-    # one byte in the common output [id, text, tokens].
+    # string, waits for a later output; its tokens are counted there). One byte, mostly.
     tokens: Count = 0
     logprobs: list[TokenLogprob] | None = None  # of the tokens that made `text`, where the job asked
     finish: FinishReason | None = None  # set on the sequence's last output
