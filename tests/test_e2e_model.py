@@ -129,3 +129,21 @@ def test_completion_continues_raw_text(client):
     assert choice.text.startswith(prompt)
     assert "".join(choice.logprobs.tokens) == choice.text[len(prompt):]
     assert choice.logprobs.text_offset[0] == len(prompt)
+
+
+def test_responses_create_answers_as_the_same_chat_does(client):
+    """The Responses API is a translation onto chat: at temperature 0, the same words and tokens."""
+    system = "You answer in one short sentence."
+    chat = client.chat.completions.create(model=DEFAULT_MODEL_NAME, temperature=0,
+                                          messages=[{"role": "system", "content": system}, *QUESTION])
+    response = client.responses.create(model=DEFAULT_MODEL_NAME, temperature=0, instructions=system,
+                                       input=QUESTION[0]["content"])
+    assert "Paris" in response.output_text and response.status == "completed"
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == chat.usage.completion_tokens
+    follow_up = client.responses.create(model=DEFAULT_MODEL_NAME, temperature=0, input="And of Italy?",
+                                        previous_response_id=response.id, max_output_tokens=16)
+    # It read the first exchange (without its instructions, which were that response's only).
+    assert follow_up.usage.input_tokens > response.usage.output_tokens + 5
+    assert follow_up.output_text

@@ -93,6 +93,16 @@ def test_stop_string_split_across_tokens_is_never_sent(fake):
     assert run_to_end(fake)["s"] == {"text": "one ", "reason": "stop", "usage": (4, 3)}
 
 
+def test_outputs_count_their_tokens_and_the_first_tells_the_prompts_size(fake):
+    """What a stream's running usage is made of: held-back text's tokens are counted by the output
+    that sends it, so the counts add up to the usage at the end."""
+    submit(fake, job("s", "one two END three", stop=("two EN",)))
+    outputs = [o for _ in range(10) for o in fake.step()]
+    assert [(o.text, o.tokens) for o in outputs] == [("one ", 1), ("", 2)]  # "two " held back, then dropped
+    assert outputs[0].usage == Usage(4, 1) and outputs[-1].usage == Usage(4, 3)
+    assert sum(o.tokens for o in outputs) == outputs[-1].usage.completion_tokens
+
+
 def test_text_that_only_looks_like_a_stop_string_is_released(fake):
     submit(fake, job("s", "tw two- tw", stop=("two-x",)))
     assert run_to_end(fake)["s"]["text"] == "tw two- tw"
@@ -118,7 +128,7 @@ def test_a_request_without_max_tokens_is_bounded():
 def test_cancel_removes_the_sequence_and_confirms(fake):
     submit(fake, job("c", "a b c"))
     fake.step()
-    assert fake.cancel("c") == Output("c", "", None, "cancelled", Usage(3, 1))
+    assert fake.cancel("c") == Output("c", "", 0, None, "cancelled", Usage(3, 1))  # its one token went out
     assert not fake.has_work and fake.cancel("c") is None
 
 

@@ -35,13 +35,14 @@ def post_raw(api, body: bytes, path: str = "/v1/chat/completions", **headers) ->
 
 
 def assert_answered(response: httpx.Response) -> None:
-    """A 200 with choices, or a 4xx in OpenAI's error shape."""
+    """A 200 with choices (or a Responses API output), or a 4xx in OpenAI's error shape."""
     assert response.status_code < 500, response.text
     if response.status_code == 200:
         if response.headers["content-type"].startswith("text/event-stream"):
-            assert response.text.rstrip().endswith("data: [DONE]")
+            last = response.text.rstrip().rsplit("\n\n", 1)[-1]
+            assert last == "data: [DONE]" or last.startswith(("event: response.completed", "event: response.incomplete"))
         else:
-            assert response.json()["choices"]
+            assert response.json().get("choices") or response.json()["output"]
         return
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -104,6 +105,10 @@ LONE_SURROGATE = "\ud800 x"  # json.dumps sends it as the escape \ud800, which n
     ("/v1/chat/completions", chat(model=LONE_SURROGATE), "model"),
     ("/v1/completions", {"model": "fake", "prompt": LONE_SURROGATE}, "prompt"),
     ("/v1/completions", {"model": "fake", "prompt": ["fine"] * 7 + [LONE_SURROGATE]}, "prompt.7"),
+    ("/v1/responses", {"model": "fake", "input": LONE_SURROGATE}, "input"),
+    ("/v1/responses", {"model": "fake", "input": "x", "instructions": LONE_SURROGATE}, "instructions"),
+    ("/v1/responses", {"model": "fake", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": LONE_SURROGATE}]}]}, "input.0.content.0.text"),
 ])
 def test_a_lone_surrogate_gets_400_naming_its_parameter(api, path, body, param):
     response = post_raw(api, json.dumps(body).encode(), path=path)
@@ -239,7 +244,8 @@ SHARED = {
     "presence_penalty": numbers, "frequency_penalty": numbers, "seed": numbers,
     "n": st.integers(-1, 20) | anything,
     "stream": st.booleans() | anything,
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | anything,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()},
+                                            optional={"continuous_usage_stats": st.booleans()}) | anything,
     "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=20) | anything,
     "user": st.text(max_size=10) | anything,
     "ignore_eos": st.booleans() | anything,
@@ -254,6 +260,20 @@ completion_bodies = st.fixed_dictionaries({"model": model}, optional={
     **SHARED, "prompt": st.text(max_size=60) | st.lists(st.text(max_size=20), max_size=4)
     | st.lists(st.integers(-2, 10), max_size=5) | anything,
     "echo": st.booleans() | anything, "logprobs": st.integers(-2, 25) | anything})
+input_part = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "input_image"]) | anything,
+                                    "text": st.text(max_size=30)}, optional={"annotations": anything})
+input_item = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | anything},
+    optional={"content": st.text(max_size=60) | st.lists(input_part, max_size=3) | anything,
+              "type": st.sampled_from(["message", "reasoning"]) | anything, "id": anything, "status": anything})
+response_bodies = st.fixed_dictionaries({"model": model}, optional={
+    "input": st.text(max_size=60) | st.lists(input_item, max_size=3) | anything,
+    "instructions": st.text(max_size=20) | anything, "max_output_tokens": st.integers(-2, 40) | anything,
+    "temperature": numbers | anything, "top_p": numbers | anything, "stream": st.booleans() | anything,
+    "store": st.booleans() | anything, "previous_response_id": st.text(max_size=10) | anything,
+    "metadata": st.dictionaries(st.text(max_size=70), st.text(max_size=20), max_size=20) | anything,
+    "text": st.fixed_dictionaries({"format": st.fixed_dictionaries({"type": st.just("text")})}) | anything,
+    "user": st.text(max_size=10) | anything, "unknown_option": anything})
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -269,6 +289,14 @@ def test_fuzzed_chat_requests_never_get_a_5xx(api, body):
 @given(body=completion_bodies)
 def test_fuzzed_completion_requests_never_get_a_5xx(api, body):
     response = post_raw(api, json.dumps(body).encode(), path="/v1/completions")
+    event(f"HTTP {response.status_code}")
+    assert_answered(response)
+
+
+@FUZZ
+@given(body=response_bodies)
+def test_fuzzed_responses_requests_never_get_a_5xx(api, body):
+    response = post_raw(api, json.dumps(body).encode(), path="/v1/responses")
     event(f"HTTP {response.status_code}")
     assert_answered(response)
 

@@ -236,6 +236,22 @@ def test_a_completion_stream_ends_with_its_last_text(client):
     assert chunks[-1].logprobs.tokens == ["b "]
 
 
+def test_continuous_usage_stats_grow_to_the_final_usage(client):
+    """vLLM's extension: every chunk carries the usage so far; the last is the request's."""
+    options = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    for chunks in (streamed(client, n=2, stream_options=options["stream_options"]),
+                   list(complete(client, ["a b c", "d e"], **options))):
+        usages = [chunk.usage for chunk in chunks]
+        assert all(usage.total_tokens == usage.prompt_tokens + usage.completion_tokens for usage in usages)
+        generated = [usage.completion_tokens for usage in usages]
+        assert generated == sorted(generated) and generated[0] < generated[-1]
+        prompt = [usage.prompt_tokens for usage in usages]  # each prompt counted from its first output on
+        assert prompt == sorted(prompt) and prompt[0] > 0 and prompt[-1] == 5
+        assert chunks[-1].choices == [] and usages[-2] == usages[-1]  # the last output's chunk is already complete
+    plain = streamed(client, stream_options={"include_usage": True})
+    assert [chunk.usage is None for chunk in plain] == [True] * (len(plain) - 1) + [False]
+
+
 def test_stream_options_without_a_stream_get_a_400(client):
     with pytest.raises(openai.BadRequestError) as info:
         ask(client, stream_options={"include_usage": True})

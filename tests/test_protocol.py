@@ -19,7 +19,7 @@ EXAMPLES = [
     p.Submit(id="r2", model="m", timeout=1.0, prompt=[1, 2, 3], params=p.SamplingParams(echo=True)),
     p.Submit(id="r3", model="m", timeout=1.0, prompt="Tea is"),
     p.Cancel(ids=["r1", "r2"]),
-    p.Step([p.Output("r1", "Hel"), p.Output("r2", "巴黎 🇫🇷", [LOGPROB]),
+    p.Step([p.Output("r1", "Hel", 1, usage=p.Usage(7, 1)), p.Output("r2", "巴黎 🇫🇷", 2, [LOGPROB]),
             p.Output("r3", "", finish="stop", usage=p.Usage(12, 3))]),
     p.Error("r1", p.ErrorCode.MODEL_NOT_FOUND, "no such model"),
     p.Disconnect("shutdown"),
@@ -119,9 +119,10 @@ def test_a_ready_beyond_the_caps_is_refused(body, where):
 
 @pytest.mark.parametrize("outputs,reason", [
     ([[]], "at least length 1"),
-    ([["r1", "x", None, "stop"]], "usage"),
-    ([["r1", "x", None, None, [1, 1]]], "usage"),
-    ([["r1", "x", None, "exploded", [1, 1]]], "Invalid enum value .exploded."),
+    ([["r1", "x", 1, None, "stop"]], "usage"),
+    ([["r1", "x", 1, None, "exploded", [1, 1]]], "Invalid enum value .exploded."),
+    ([["r1", "x", -1]], r"outputs\[0\]\[2\]"),  # a negative token count
+    ([["r1", "x", [LOGPROB]]], r"outputs\[0\]\[2\]"),  # ZMQCHAT/2's layout: logprobs where tokens are
     ([], "length >= 1"),
 ])
 def test_a_malformed_step_is_refused(outputs, reason):
@@ -136,7 +137,7 @@ def test_an_error_carries_a_code_not_a_status():
 
 @pytest.mark.parametrize("frames,reason", [
     ([p.PROTOCOL, b"\x02"], "expected 3 frames"),
-    ([b"ZMQCHAT/1", b"\x02", msgspec.msgpack.encode({})], "version"),
+    ([b"ZMQCHAT/2", b"\x02", msgspec.msgpack.encode({})], "version"),
     ([b"HTTP/1.1", b"\x02", msgspec.msgpack.encode({})], "version"),
     ([p.PROTOCOL, b"\x7f", msgspec.msgpack.encode({})], "unknown command"),
     ([p.PROTOCOL, b"\x03", b"\xc1garbage"], "Submit"),

@@ -62,6 +62,11 @@ api_key_file_option = click.option("--api-key-file", type=click.Path(exists=True
                                    default=None, help="Also accept the keys in this file, one per line "
                                    "(# starts a comment). Keeps keys off the command line.")
 
+response_store_option = click.option(
+    "--response-store", "response_store_size", type=click.IntRange(0), default=c.RESPONSE_STORE_SIZE,
+    help="Finished Responses-API responses kept in memory for previous_response_id and GET /v1/responses/{id} "
+    "(the most recently used); 0 keeps none.")
+
 
 def api_guard_options(command):
     """The options of `api` and `serve` that guard the API: who may reach what, and how long and how
@@ -183,21 +188,22 @@ def worker(model_path, model_name, broker, device, dtype, quantize, max_batch, m
 @api_key_file_option
 @click.option("--timeout", "request_timeout", type=click.FloatRange(0.1, MAX_TIMEOUT), default=c.REQUEST_TIMEOUT,
               help="Seconds a request may take before it fails with 504.")
+@response_store_option
 @api_guard_options
 @drain_option
 @curve_option
 @curve_name_option("api")
 @log_level_option
-def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeout, curve_dir, curve_name,
-        log_level, **guards) -> None:
+def api(host, port, broker, api_keys, api_key_file, request_timeout, response_store_size, drain_timeout, curve_dir,
+        curve_name, log_level, **guards) -> None:
     """Run the OpenAI-compatible HTTP API in front of the broker.
 
     SIGTERM stops taking connections and lets open requests finish (--drain-timeout)."""
     from zmqchat import api as role
 
     role.run(api_config(host=host, port=port, broker=broker, api_keys=all_api_keys(api_keys, api_key_file),
-                        request_timeout=request_timeout, log_level=log_level,
-                        drain_timeout=c.API_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
+                        request_timeout=request_timeout, response_store_size=response_store_size,
+                        log_level=log_level, drain_timeout=c.API_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
                         curve=from_folder(curve_dir, curve_name), **guards))
 
 
@@ -217,6 +223,7 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeo
 @max_tokens_option
 @api_key_option
 @api_key_file_option
+@response_store_option
 @api_guard_options
 @fake_option
 @fake_delay_option
@@ -224,17 +231,18 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, drain_timeo
               help="Turn CURVE on between the parts, with keys in this folder (created if missing).")
 @log_level_option
 def serve(model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype, quantize,
-          max_batch, max_tokens_in_flight, api_keys, api_key_file, fake, fake_delay, curve_dir, log_level,
-          **guards) -> None:
+          max_batch, max_tokens_in_flight, api_keys, api_key_file, response_store_size, fake, fake_delay, curve_dir,
+          log_level, **guards) -> None:
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
     from zmqchat import serve as role
 
     sys.exit(role.run(ServeConfig(
         broker=BrokerConfig(frontend=frontend, backend=backend, policy=policy, insecure=guards["insecure"]),
         worker=WorkerConfig(model_path=model_path, model_name=model_name, device=device, dtype=dtype,
-                            quantize=quantize, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake,
-                            fake_delay=fake_delay),
-        api=api_config(host=host, port=port, api_keys=all_api_keys(api_keys, api_key_file), **guards),
+                            quantize=quantize, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
+                            fake=fake, fake_delay=fake_delay),
+        api=api_config(host=host, port=port, api_keys=all_api_keys(api_keys, api_key_file),
+                       response_store_size=response_store_size, **guards),
         workers=workers, curve_dir=curve_dir, log_level=log_level)))
 
 

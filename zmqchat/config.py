@@ -47,6 +47,10 @@ MAX_BODY = 4 * 1024 * 1024  # bytes of HTTP request body; more gets 413
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte (or the connection's start) to its headers' end
 BODY_TIMEOUT = 30.0  # seconds for a request's whole body once its headers are in: 4 MiB at ~1.1 Mbit/s
 MAX_CONNECTIONS = 512  # open HTTP connections before requests get 503: half the usual open-files limit of 1024
+# Finished Responses-API responses an API process keeps for previous_response_id and GET, the most
+# recently used. Each holds its conversation's text, shared with those it continues; a prompt must
+# fit a model's context window to be answered, so each is at most a few hundred KB.
+RESPONSE_STORE_SIZE = 1024
 
 LOG_LEVEL = "info"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -96,6 +100,7 @@ class APIConfig:
     body_timeout: float = BODY_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     public_metrics: bool = False  # /metrics without a key even when keys are set (for a scraper)
+    response_store_size: int = RESPONSE_STORE_SIZE  # responses kept for previous_response_id; 0: none
     insecure: bool = False  # listen on a non-loopback address without API keys, all the same
     log_level: str = LOG_LEVEL
     heartbeat_interval: float = HEARTBEAT_INTERVAL

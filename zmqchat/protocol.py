@@ -1,8 +1,8 @@
-"""The zmqchat wire protocol, ZMQCHAT/2: every message between frontends, broker and workers.
+"""The zmqchat wire protocol, ZMQCHAT/3: every message between frontends, broker and workers.
 
 A message is three ZeroMQ frames, after the peer's identity on a ROUTER socket:
 
-    [b"ZMQCHAT/2"] [command: 1 byte] [body: msgpack]
+    [b"ZMQCHAT/3"] [command: 1 byte] [body: msgpack]
 
 Each command's body is one typed struct below, encoded by msgspec. Nothing outside this
 module builds or parses frames: `encode()` turns a message into frames; `decode()` turns
@@ -18,8 +18,10 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
                        text or token ids)
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
-                       its tokens' logprobs where the job asked, and for a finished sequence its
-                       finish reason and usage. The broker frees a slot for each finished output.
+                       the number of tokens it covers, their logprobs where the job asked, and
+                       for a finished sequence its finish reason; a sequence's first and last
+                       outputs carry its usage so far (so a frontend knows the prompt's size from
+                       the start). The broker frees a slot for each finished output.
   ERROR       W/B->F   Error: a job that ended without an answer, with an ErrorCode (never an HTTP
                        status: which status a code gets is the API's business)
   DISCONNECT  W->B     Disconnect: with `drain`, the worker takes no new jobs and finishes those it
@@ -29,8 +31,9 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
                        (workers, models, queues)
 
 Structs that cross the wire once per job or per peer are msgpack maps (field names as keys);
-those sent for every token (Output and what it holds) are arrays of their fields in order,
-trailing defaults left out, since they are the hot path.
+those sent for every token (Output and what it holds) are arrays of their fields in order, since
+they are the hot path. An array holds every field, defaults too (msgspec omits defaults from
+maps only), so a field added to Output costs its bytes in every output.
 
 The limits here (sizes, counts, the ranges of sampling parameters) are the wire's own, checked
 on decode; the API's request schemas use the same constants.
@@ -44,7 +47,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta, Struct, field
 
-PROTOCOL = b"ZMQCHAT/2"
+PROTOCOL = b"ZMQCHAT/3"  # /3: Output counts its tokens, and its first carries usage
 
 # -- limits -------------------------------------------------------------------------------
 
@@ -106,8 +109,8 @@ class Wire(Struct, omit_defaults=True, forbid_unknown_fields=True):
     """A struct sent as a msgpack map, fields at their defaults left out."""
 
 
-class Packed(Struct, array_like=True, omit_defaults=True, forbid_unknown_fields=True):
-    """A struct sent as a msgpack array, trailing defaults left out."""
+class Packed(Struct, array_like=True, forbid_unknown_fields=True):
+    """A struct sent as a msgpack array of every field, in order."""
 
 
 class Ready(Wire):
@@ -195,13 +198,16 @@ class Output(Packed):
 
     id: Id
     text: str = ""
+    # Tokens generated since the sequence's previous output (text held back, as a possible stop
+    # string, waits for a later output; its tokens are counted there). One byte, mostly.
+    tokens: Count = 0
     logprobs: list[TokenLogprob] | None = None  # of the tokens that made `text`, where the job asked
     finish: FinishReason | None = None  # set on the sequence's last output
-    usage: Usage | None = None  # with `finish`
+    usage: Usage | None = None  # so far: on the sequence's first output, and on its last (with `finish`)
 
     def __post_init__(self):
-        if (self.finish is None) != (self.usage is None):
-            raise ValueError("a finished output has usage, and only a finished one")
+        if self.finish is not None and self.usage is None:
+            raise ValueError("a finished output has usage")
 
 
 class Step(Wire):

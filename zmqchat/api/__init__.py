@@ -5,6 +5,7 @@
     schemas.py    the request bodies (pydantic, strict), and the choices they become on the wire
     routes.py     create_app() and its routes: requests in, to the broker, answers out
     responses.py  a request's events from the broker as an OpenAI JSON body or SSE stream
+    responses_api.py  the Responses API: its request as a chat, its response and events, the store
     errors.py     every error a client sees, and the one table of ErrorCode -> HTTP
 
 `run(config)` is the role's entry point (`zmqchat api`).

@@ -52,6 +52,7 @@ REQUEST_TIMEOUT = HTTPError(408, "invalid_request_error", "request_timeout")
 REQUEST_TOO_LARGE = HTTPError(413, "invalid_request_error", "request_too_large")
 MISDIRECTED_REQUEST = HTTPError(421, "invalid_request_error", "misdirected_request")
 INTERNAL_ERROR = HTTPError(500, "server_error")
+RESPONSE_NOT_FOUND = HTTPError(404, "invalid_request_error", "response_not_found")  # not (or no longer) stored
 
 # Characters of a client's text (a model name, a path) a log line holds: enough to recognise it.
 # An error's message may quote such text (the model name, up to MAX_NAME) in its explanation.

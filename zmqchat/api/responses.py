@@ -2,8 +2,9 @@
 
 Events (each choice's Outputs, or the error that ends the request) come in from a Stream,
 interleaved across choices; they leave as one JSON body (`json()`) or as server-sent events in
-OpenAI's chunk format (`sse()`), and are counted in the request's metrics on the way.
-Completion does both for any API; ChatCompletion and TextCompletion shape their choices.
+OpenAI's chunk format (`sse()`), and are counted in the request's metrics and usage on the way.
+Completion does both for any API; ChatCompletion and TextCompletion shape their choices, and
+the Responses API (responses_api.py) its own body and events.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from zmqchat.api.errors import LOGGED_MESSAGE, broker_error_body, broker_error_r
 from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from zmqchat.client import BrokerClient, BrokerError, Event, Stream
 from zmqchat.metrics import RequestMetrics
-from zmqchat.protocol import Alternative, Output, TokenLogprob
+from zmqchat.protocol import Alternative, Output, TokenLogprob, Usage
 
 log = logging.getLogger("zmqchat.api")
 
@@ -41,6 +42,8 @@ class Completion:
         self.created = int(time.time())
         self.timing = timing
         self.finished: dict[int, Output] = {}  # each choice's last Output, by index
+        self.usages: dict[int, Usage] = {}  # each choice's latest usage: from its first output, its prompt's size
+        self.generated: dict[int, int] = {}  # each choice's tokens so far
 
     async def events(self, first: Event) -> AsyncIterator[Event]:
         """The request's events from `first` to its end, each counted in the metrics."""
@@ -52,6 +55,7 @@ class Completion:
                 return
             if event.output.text or event.output.logprobs:
                 self.timing.output(event.index)
+            self._count(event.index, event.output)
             if event.output.finish is not None:
                 self.finished[event.index] = event.output
             yield event
@@ -76,11 +80,18 @@ class Completion:
         self.timing.failed("cancelled")
         log.info("request %s: the client left; cancelling", self.stream.id)
 
+    def _count(self, index: int, output: Output) -> None:
+        self.generated[index] = self.generated.get(index, 0) + output.tokens
+        if output.usage is not None:
+            self.usages[index] = output.usage
+
     def _usage(self) -> dict:
+        """The usage so far; at the end, the request's."""
         # The n choices of one prompt read it once: its tokens are counted once.
-        prompt = sum(o.usage.prompt_tokens for i, o in self.finished.items() if i % self.request.n == 0)
-        completion = sum(o.usage.completion_tokens for o in self.finished.values())
-        cached = sum(o.usage.cached_tokens for i, o in self.finished.items() if i % self.request.n == 0)
+        prompts = {index // self.request.n: usage for index, usage in self.usages.items()}
+        prompt = sum(usage.prompt_tokens for usage in prompts.values())
+        cached = sum(usage.cached_tokens for usage in prompts.values())
+        completion = sum(self.generated.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -92,25 +103,24 @@ class Completion:
                 return broker_error_response(event.error)
             texts.setdefault(event.index, []).append(event.output.text)
             logprobs.setdefault(event.index, []).extend(event.output.logprobs or [])
-        choices = [self.choice(i, "".join(texts[i]), logprobs[i], self.finished[i].finish)
-                   for i in sorted(self.finished)]
-        return {**self._header(self.object), "choices": choices, "usage": self._usage()}
+        return self.body({i: "".join(texts[i]) for i in texts}, logprobs)
 
     async def sse(self, client: BrokerClient, first: Event) -> AsyncIterator[str]:
         completed = False
         try:
-            for opening in self.opening_chunks():
-                yield opening
             async for event in self.events(first):
+                if event is first:  # counted: its prompt's size is known to a running usage
+                    for opening in self.opening_chunks():
+                        yield opening
                 if event.error is not None:
-                    yield _sse(broker_error_body(event.error))
+                    for chunk in self.error_chunks(event.error):
+                        yield chunk
                     break
-                for chunk in self._chunks(event.index, event.output):
+                for chunk in self.output_chunks(event.index, event.output):
                     yield chunk
             else:
-                if self.request.include_usage:
-                    yield _sse({**self._header(self.chunk_object), "choices": [], "usage": self._usage()})
-            yield "data: [DONE]\n\n"
+                for chunk in self.closing_chunks():
+                    yield chunk
             completed = True
         finally:
             # Runs when the stream ends and when the client disconnects mid-stream.
@@ -118,7 +128,24 @@ class Completion:
                 self.left()
             client.finish(self.stream)
 
-    def _chunks(self, index: int, output: Output) -> list[str]:
+    # -- OpenAI's completion shapes; the Responses API has its own ------------------------------
+
+    def body(self, texts: dict[int, str], logprobs: dict[int, list[TokenLogprob]]) -> dict:
+        """The whole response, from each choice's text and logprobs."""
+        choices = [self.choice(i, texts[i], logprobs[i], self.finished[i].finish) for i in sorted(self.finished)]
+        return {**self._header(self.object), "choices": choices, "usage": self._usage()}
+
+    def closing_chunks(self) -> list[str]:
+        """What a stream sends after the last output: the usage where asked, and its end."""
+        if not self.request.include_usage:
+            return ["data: [DONE]\n\n"]
+        return [_sse({**self._header(self.chunk_object), "choices": [], "usage": self._usage()}), "data: [DONE]\n\n"]
+
+    def error_chunks(self, error: BrokerError) -> list[str]:
+        """What a stream sends when an error ends it."""
+        return [_sse(broker_error_body(error)), "data: [DONE]\n\n"]
+
+    def output_chunks(self, index: int, output: Output) -> list[str]:
         """An Output's chunks: its new text, and its finish reason if it is the choice's last:
         in the text's own chunk where the API does so, else in one of its own."""
         has_text = bool(output.text or output.logprobs)
@@ -135,7 +162,9 @@ class Completion:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.request.model}
 
     def _chunk(self, choice: dict) -> str:
-        return _sse({**self._header(self.chunk_object), "choices": [choice]})
+        """A chunk of one choice; with continuous usage stats (vLLM's), the usage so far."""
+        usage = {"usage": self._usage()} if self.request.continuous_usage else {}
+        return _sse({**self._header(self.chunk_object), "choices": [choice], **usage})
 
     # -- the API's shapes, supplied by subclasses -----------------------------------------
 

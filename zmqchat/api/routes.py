@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request
@@ -20,11 +22,13 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from zmqchat.api.errors import ERRORS, add_error_handlers, broker_error_response, clip, error_response
+from zmqchat.api.errors import (ERRORS, RESPONSE_NOT_FOUND, add_error_handlers, broker_error_response, clip,
+                                error_response)
 from zmqchat.api.gate import Gate
 from zmqchat.api.responses import ChatCompletion, Completion, TextCompletion
+from zmqchat.api.responses_api import ResponsesCompletion, ResponsesRequest, ResponseStore
 from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
-from zmqchat.client import BrokerClient, BrokerError
+from zmqchat.client import BrokerClient, BrokerError, Stream
 from zmqchat.config import APIConfig
 from zmqchat.curve import describe
 from zmqchat.metrics import Metrics, RequestMetrics
@@ -55,6 +59,7 @@ def create_app(config: APIConfig) -> FastAPI:
     app.state.config = config
     app.state.client = client
     app.state.metrics = Metrics()
+    app.state.responses = ResponseStore(config.response_store_size)
     app.add_middleware(Gate, config=config)
     add_error_handlers(app)
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
@@ -121,7 +126,43 @@ async def completions(request: Request, body: CompletionRequest):
     return await generate(request, body, TextCompletion)
 
 
-async def generate(request: Request, body: GenerationRequest, completion_type: type[Completion]):
+@router.post("/v1/responses")
+async def create_response(request: Request, body: ResponsesRequest):
+    """OpenAI's Responses API: the chat that `body` translates to, answered in its shapes."""
+    store: ResponseStore = request.app.state.responses
+    history = ()
+    if body.previous_response_id is not None:
+        previous = store.get(body.previous_response_id)
+        if previous is None:
+            return response_not_found(body.previous_response_id, "previous_response_id")
+        history = previous.conversation
+    answer = partial(ResponsesCompletion, asked=body, history=history, store=store)
+    return await generate(request, body.chat_request(history), answer)
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(request: Request, response_id: str):
+    stored = request.app.state.responses.get(response_id)
+    return response_not_found(response_id) if stored is None else stored.body
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(request: Request, response_id: str):
+    if not request.app.state.responses.delete(response_id):
+        return response_not_found(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def response_not_found(response_id: str, param: str | None = None) -> Response:
+    what = "Previous response" if param else "Response"
+    return error_response(RESPONSE_NOT_FOUND, f"{what} with id '{clip(response_id)}' not found "
+                          "(responses are kept in the memory of the API process that made them, the most "
+                          "recently used only)", param)
+
+
+async def generate(request: Request, body: GenerationRequest,
+                   answer: Callable[[Stream, GenerationRequest, RequestMetrics], Completion]):
+    """Run `body`'s choices; `answer` (a Completion class) shapes their events as its API does."""
     client, state = broker(request), request.app.state
     timing = RequestMetrics(state.metrics, body.model)
     try:
@@ -129,9 +170,9 @@ async def generate(request: Request, body: GenerationRequest, completion_type: t
     except BrokerError as exc:
         timing.failed(exc.code.value)
         raise
-    log.debug("request %s: %s, model %s, %d choices, stream %s", stream.id, completion_type.__name__,
+    completion = answer(stream, body, timing)
+    log.debug("request %s: %s, model %s, %d choices, stream %s", stream.id, type(completion).__name__,
               clip(body.model), len(stream.job_ids), body.stream)
-    completion = completion_type(stream, body, timing)
     streaming = False
     try:
         # Wait for the first event before answering, so that an error (unknown model, no

@@ -36,6 +36,9 @@ def _utf8(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8)]
 Count = Annotated[int, Field(ge=1, le=MAX_INT)]
+ModelName = Annotated[Text, Field(min_length=1, max_length=MAX_NAME)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT)]], Field(min_length=1)]
 TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # a token id as a JSON object's key
@@ -74,6 +77,7 @@ class ChatMessage(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class ResponseFormat(Strict):
@@ -83,11 +87,11 @@ class ResponseFormat(Strict):
 class GenerationRequest(Strict):
     """What chat and text completions share."""
 
-    model: Text = Field(min_length=1, max_length=MAX_NAME)
+    model: ModelName
     max_tokens: Count | None = None
     # Left out: the model's own sampling defaults apply (else 1.0, as OpenAI's do).
-    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     top_k: int | None = Field(default=None, ge=-1, le=MAX_INT)  # vLLM's extension; -1 or 0: no limit
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
@@ -113,6 +117,10 @@ class GenerationRequest(Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def sampling(self, index: int, **own) -> p.SamplingParams:
         """Choice `index`'s sampling parameters: those both APIs share, and `own`, those each

@@ -180,7 +180,12 @@ class Engine:
             self.runner.run(self.scheduler.schedule())
 
     def _output(self, seq: Sequence, text: str) -> Output:
-        """`seq`'s output of `text`, with (and handing out) the logprobs that go with it."""
+        """`seq`'s output of `text`, with (and handing out) the logprobs that go with it, the
+        tokens generated since its last output, and on its first and last its usage so far."""
         logprobs = None if seq.params.logprobs is None else self.detokenizer.take_logprobs(seq)
-        usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens) if seq.finish_reason else None
-        return Output(seq.id, text, logprobs, seq.finish_reason, usage)
+        first = seq.reported_tokens is None
+        tokens = len(seq.output_ids) - (seq.reported_tokens or 0)
+        seq.reported_tokens = len(seq.output_ids)
+        usage = (Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens)
+                 if first or seq.finish_reason else None)
+        return Output(seq.id, text, tokens, logprobs, seq.finish_reason, usage)

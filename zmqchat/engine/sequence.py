@@ -37,6 +37,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0  # of the prompt, whose KV the runner reused (set at prefill)
+    reported_tokens: int | None = None  # of output_ids, those its outputs have counted; None: no output yet
     # The detokeniser's state.
     text: str = ""  # output decoded so far
     sent: int = 0  # characters of `text` already handed out
