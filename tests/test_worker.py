@@ -1,5 +1,6 @@
 """The worker's own faults: an engine thread that dies, a broker that is gone when it is told to
-stop, and a prompt so large that tokenising it could stall everyone else's stream."""
+stop, a prompt so large that tokenising it could stall everyone else's stream; and how many
+sequences it takes at once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import threading
 import time
 
 import httpx
+import pytest
 from conftest import Running, chat, free_port, wait_for
 
 from zmqchat import protocol as p
-from zmqchat.config import WorkerConfig
+from zmqchat.config import MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS, WorkerConfig
 from zmqchat.engine import Engine, FakeRunner
+from zmqchat.engine.model_runner import slots_from_memory
 from zmqchat.worker import Worker
 
 
@@ -91,3 +94,17 @@ def test_a_huge_prompt_is_refused_without_stalling_other_streams(cluster):
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
     assert max(gaps) < 1.5, f"another stream stalled for {max(gaps):.1f} s"
     assert refused_after < 20
+
+
+@pytest.mark.model
+def test_a_model_workers_slots_follow_from_its_kv_memory(cluster):
+    cluster.broker()
+    cluster.worker("--max-tokens-in-flight", str(3 * SLOT_TOKENS), "--device", "cpu", fake=False)
+    cluster.worker("--max-tokens-in-flight", str(3 * SLOT_TOKENS), "--max-batch", "2", "--device", "cpu", fake=False)
+    assert sorted(w["slots"] for w in cluster.status()["workers"]) == [2, 3]  # --max-batch caps it
+
+
+def test_slots_from_memory_are_bounded_both_ways():
+    assert slots_from_memory(10 * SLOT_TOKENS + 5) == 10
+    assert slots_from_memory(SLOT_TOKENS // 2) == 1
+    assert slots_from_memory(10**9) == MAX_SLOTS_FROM_MEMORY

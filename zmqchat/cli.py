@@ -30,8 +30,10 @@ dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "f
 quantize_option = click.option("--quantize", type=click.Choice(c.QUANTIZE_METHODS), default="none",
                                show_default=True, help="Linear weights in 8 bits (fastest at many streams) or "
                                "4 bits (fewest bytes per step); CPU only.")
-max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=c.SLOTS,
-                                show_default=True, help="Sequences a worker runs at once (its slots).")
+max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=None,
+                                help="Sequences a worker runs at once (its slots) [default: as many as "
+                                f"its KV memory holds at {c.SLOT_TOKENS} tokens each, at most "
+                                f"{c.MAX_SLOTS_FROM_MEMORY}; {c.SLOTS} for --fake].")
 max_tokens_option = click.option("--max-tokens-in-flight", type=click.IntRange(16), default=None,
                                  help="KV-cache tokens a worker may hold [default: half its free memory].")
 model_name_option = click.option("--model-name", help="Name clients use for the model [default: the folder's name].")

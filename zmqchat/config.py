@@ -33,7 +33,9 @@ MAX_QUEUE = 1024  # jobs waiting per model before new ones are refused
 # long enough for a supervisor to restart a worker, short enough that clients are not left hanging.
 NO_WORKER_GRACE = 15.0
 
-SLOTS = 16  # sequences a worker runs at once
+SLOTS = 16  # sequences a fake worker runs at once; a model's follow from its KV memory:
+MAX_SLOTS_FROM_MEMORY = 256  # at most this many (vLLM's max_num_seqs default),
+SLOT_TOKENS = 2048  # each with room for this many tokens of KV cache (a prompt and a default reply)
 QUANTIZE_METHODS = ("none", "int8", "int4")  # weight formats a worker may serve (quantize.py)
 DEFAULT_MAX_TOKENS = 1024  # for a chat that sets no max_tokens: a bound, not a whole context window
 COMPLETION_MAX_TOKENS = 16  # for a completion that sets none, as OpenAI's legacy endpoint
@@ -77,7 +79,7 @@ class WorkerConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "none"  # one of QUANTIZE_METHODS (zmqchat/quantize.py)
-    max_batch: int = SLOTS
+    max_batch: int | None = None  # None: from the KV memory (model_runner.slots_from_memory); fake: SLOTS
     max_tokens_in_flight: int | None = None  # KV-cache tokens; None: half the free memory
     fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)
     fake_delay: float = FAKE_DELAY

@@ -35,7 +35,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zmqchat import protocol as p
-from zmqchat.config import WorkerConfig
+from zmqchat.config import SLOTS, WorkerConfig
 from zmqchat.curve import describe, secure_client
 from zmqchat.engine import Engine
 from zmqchat.models import LoadError
@@ -358,12 +358,17 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     if config.fake:
         from zmqchat.engine import FakeRunner
 
-        return Engine(FakeRunner(config.model_name or "fake", config.fake_delay), config.max_batch), "fake"
+        runner = FakeRunner(config.model_name or "fake", config.fake_delay)
+        return Engine(runner, config.max_batch or SLOTS), "fake"
     from zmqchat import models
     from zmqchat.engine import HFRunner
+    from zmqchat.engine.model_runner import slots_from_memory
 
     loaded = models.load(config.model_path, config.model_name, config.device, config.dtype, config.quantize)
-    return Engine(HFRunner(loaded, config.max_tokens_in_flight), config.max_batch), loaded.description
+    runner = HFRunner(loaded, config.max_tokens_in_flight)
+    slots = config.max_batch or slots_from_memory(runner.token_budget)
+    log.info("%d slots, %d tokens of KV cache", slots, runner.token_budget)
+    return Engine(runner, slots), loaded.description
 
 
 def run(config: WorkerConfig) -> None:

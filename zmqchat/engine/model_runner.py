@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from zmqchat.config import MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
 from zmqchat.engine.sampler import sample, seeded_generator
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
@@ -209,6 +210,12 @@ def _pad_left(tensor, width: int):
     if tensor.dim() == 2:
         return F.pad(tensor, (width - tensor.shape[-1], 0))
     return F.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+
+
+def slots_from_memory(token_budget: int) -> int:
+    """Sequences a worker takes at once when no --max-batch is given: as many as its KV budget
+    holds at SLOT_TOKENS each (the scheduler still admits by each sequence's real size)."""
+    return max(1, min(MAX_SLOTS_FROM_MEMORY, token_budget // SLOT_TOKENS))
 
 
 def default_token_budget(model, device: str) -> int:
