@@ -285,5 +285,6 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"body of {len(raw)} bytes is over the limit")
     try:
         return decoder.decode(raw)
-    except msgspec.DecodeError as exc:  # ValidationError included
+    # msgspec (0.22) raises UnicodeDecodeError, not DecodeError, for a map key of invalid UTF-8.
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
         raise ProtocolError(f"bad {COMMANDS[bytes(command)].__name__}: {exc}") from None
