@@ -187,6 +187,26 @@ def test_a_completion_echoes_its_prompt_before_the_output(fake):
     assert [e.offset for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
 
 
+def test_max_tokens_0_scores_the_prompt_in_one_step_beside_a_running_sequence(fake):
+    submit(fake, job("running", "a b c"))
+    fake.step()
+    submit(fake, completion("score", "to be or", echo=True, max_tokens=0, logprobs=1, prompt_logprobs=1))
+    outputs = {o.id: o for o in fake.step()}
+    scored = outputs["score"]
+    assert (scored.text, scored.finish, scored.usage.completion_tokens, scored.logprobs) == ("to be or", "length", 0, [])
+    assert [(t.token, t.offset, t.logprob, t.rank) for t in scored.prompt_logprobs] == [
+        ("to ", 0, None, 0), ("be ", 3, 0.0, 1), ("or", 6, 0.0, 1)]
+    assert outputs["running"].text == "b " and fake.scheduler.get("score") is None
+    assert run_to_end(fake)["running"]["text"] == "c"
+
+
+def test_prompt_logprobs_leave_with_the_first_output_only(fake):
+    submit(fake, job("p", "x y", prompt_logprobs=0))
+    first, *rest = [o for _ in range(4) for o in fake.step()]
+    assert [t.token for t in first.prompt_logprobs] == ["x ", "y"] and first.prompt_logprobs[1].top == []
+    assert first.text == "x " and all(o.prompt_logprobs is None for o in rest)
+
+
 def test_a_prompt_of_token_ids_is_checked_against_the_vocabulary(fake):
     ids = fake.runner.encode_text("red green blue")
     submit(fake, completion("ids", ids, echo=True))
@@ -391,6 +411,39 @@ def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
         assert len(e.top) == 3 and e.top[0].token == e.token and e.top[0].logprob == e.logprob  # greedy
         assert [a.logprob for a in e.top] == sorted((a.logprob for a in e.top), reverse=True)
         assert e.logprob <= 0 and sum(math.exp(a.logprob) for a in e.top) <= 1.0001
+
+
+def direct_logprobs(engine: Engine, ids: list[int]) -> list[float]:
+    """Each token's logprob after those before it, from transformers' own forward pass of the whole prompt."""
+    import torch
+
+    with torch.inference_mode():
+        logits = engine.runner.model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+@pytest.mark.model
+def test_default_model_prompt_logprobs_are_its_own_preamble_included_and_in_any_batch(smol, monkeypatch):
+    from zmqchat.engine import model_runner
+
+    submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
+    alone = run_to_end(smol)["plain"]["text"]
+    # The chat's prompt starts with the template's preamble, whose cached KV would hold no logits:
+    # the scoring sequence computes it afresh, in chunks of 3 positions here, beside one that reuses it.
+    monkeypatch.setattr(model_runner, "PROMPT_LOGIT_ROWS", 6)
+    submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
+    submit(smol, job("scored", "Name a colour.", temperature=0, max_tokens=2, prompt_logprobs=2))
+    outputs = [o for _ in range(8) for o in smol.step()]
+    scored = next(o.prompt_logprobs for o in outputs if o.id == "scored" and o.prompt_logprobs)
+    assert "".join(o.text for o in outputs if o.id == "plain") == alone  # the batch changed nothing
+    ids = [t.id for t in scored]
+    assert ids == smol.runner.encode_chat([ChatMessage("user", "Name a colour.")])
+    assert [t.logprob for t in scored[1:]] == pytest.approx(direct_logprobs(smol, ids), abs=1e-4)
+    for token in scored[1:]:
+        assert token.rank >= 1 and len(token.top) == 2 and token.top[0].logprob >= token.logprob
+        assert (token.rank == 1) == (token.top[0].id == token.id)
+    usage = {o.id: o.usage.cached_tokens for o in outputs if o.finish}
+    assert usage["scored"] == 0 and usage["plain"] > 0
 
 
 @pytest.mark.model

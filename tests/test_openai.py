@@ -210,10 +210,60 @@ def test_completion_echo_stop_and_logprobs(client):
     choice = reply.choices[0]
     assert choice.text == "the cat sat onthe cat " and choice.finish_reason == "stop"
     logprobs = choice.logprobs
-    assert logprobs.tokens == ["the ", "cat "] and logprobs.token_logprobs == [0.0, 0.0]
-    assert logprobs.text_offset == [14, 18]  # offsets in the text, after the echoed prompt
-    assert all(len(top) <= 2 and token in top for token, top in zip(logprobs.tokens, logprobs.top_logprobs))
+    # The echoed prompt's tokens first, as OpenAI's legacy endpoint gives them: the first has no logprob.
+    assert logprobs.tokens == ["the ", "cat ", "sat ", "on", "the ", "cat "]
+    assert logprobs.token_logprobs == [None, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert logprobs.text_offset == [0, 4, 8, 12, 14, 18]  # offsets in the text, the echoed prompt included
+    assert logprobs.top_logprobs[0] is None
+    assert all(len(top) <= 2 and token in top for token, top in zip(logprobs.tokens[1:], logprobs.top_logprobs[1:]))
     assert all(choice.text[o:].startswith(t) for t, o in zip(logprobs.tokens, logprobs.text_offset))
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
+    """lm-evaluation-harness's loglikelihood request: the prompt's tokens and their logprobs, nothing generated."""
+    reply = complete(client, ["to be or not", "to be"], echo=True, logprobs=1, max_tokens=0, temperature=0)
+    assert [c.text for c in reply.choices] == ["to be or not", "to be"]
+    assert all(c.finish_reason == "length" for c in reply.choices)
+    assert reply.choices[0].logprobs.tokens == ["to ", "be ", "or ", "not"]
+    assert reply.choices[0].logprobs.token_logprobs == [None, 0.0, 0.0, 0.0]
+    assert reply.choices[1].logprobs.text_offset == [0, 3]
+    assert reply.usage.prompt_tokens == 6 and reply.usage.completion_tokens == 0
+    assert complete(client, "to be", echo=True, max_tokens=0).choices[0].logprobs is None  # only when asked
+
+
+def test_a_streamed_echo_sends_the_prompts_logprobs_with_its_text(client):
+    chunks = [c.choices[0] for c in complete(client, "a b", echo=True, logprobs=0, max_tokens=1, stream=True)]
+    assert chunks[0].text == "a ba " and chunks[0].logprobs.tokens == ["a ", "b", "a "]
+    assert chunks[0].logprobs.token_logprobs[0] is None and chunks[-1].finish_reason == "length"
+
+
+def test_prompt_logprobs_in_vllms_shape(client):
+    reply = complete(client, "red green blue", max_tokens=1, extra_body={"prompt_logprobs": 1})
+    scored = reply.choices[0].model_extra["prompt_logprobs"]
+    assert reply.choices[0].text == "red " and scored[0] is None and len(scored) == 3
+    for word, position in zip(["green ", "blue"], scored[1:]):
+        token = next(iter(position.values()))  # the prompt's own token comes first, with its rank
+        assert token == {"logprob": 0.0, "rank": 1, "decoded_token": word}
+    chat = ask(client, "red green", n=2, extra_body={"prompt_logprobs": 0})
+    scored = chat.model_extra["prompt_logprobs"]  # once beside the choices, which share the prompt
+    assert len(scored) == chat.usage.prompt_tokens == 2 and scored[0] is None
+    assert [t["decoded_token"] for t in scored[1].values()] == ["green"]
+    assert "prompt_logprobs" not in ask(client).model_extra  # only when asked
+
+
+def test_bad_scoring_requests_get_a_400_naming_the_parameter(client):
+    cases = [
+        ("max_tokens", lambda: complete(client, "x", max_tokens=0)),  # nothing to generate, nothing echoed
+        ("max_tokens", lambda: ask(client, max_tokens=0)),
+        ("max_tokens", lambda: complete(client, "x", max_tokens=-1, echo=True)),
+        ("prompt_logprobs", lambda: complete(client, "x", extra_body={"prompt_logprobs": 21})),
+        ("prompt_logprobs", lambda: ask(client, extra_body={"prompt_logprobs": -1})),
+        ("prompt_logprobs", lambda: complete(client, "x", stream=True, extra_body={"prompt_logprobs": 1})),
+    ]
+    for param, call in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.param == param and param in info.value.message
 
 
 def test_streamed_completion(client):

@@ -10,6 +10,8 @@ from zmqchat import protocol as p
 
 LOGPROB = p.TokenLogprob("Paris", b"Paris", -0.01, [p.Alternative("Paris", b"Paris", -0.01),
                                                      p.Alternative("bytes:\\xe5", b"\xe5", -5.0)], 12)
+PROMPT = [p.PromptToken(791, "The", b"The", 0),
+          p.PromptToken(6, " cat", b" cat", 3, -7.25, 40, [p.Alternative(" first", b" first", -2.5, 1176)])]
 EXAMPLES = [
     p.Ready(worker_id="w1", models=["m"], slots=4, host="h", device="cpu", pid=1),
     p.Heartbeat(),
@@ -18,9 +20,12 @@ EXAMPLES = [
              params=p.SamplingParams(max_tokens=5, temperature=0.0, stop=("\n",), seed=-(2**63), logprobs=2)),
     p.Submit(id="r2", model="m", timeout=1.0, prompt=[1, 2, 3], params=p.SamplingParams(echo=True)),
     p.Submit(id="r3", model="m", timeout=1.0, prompt="Tea is"),
+    p.Submit(id="r4", model="m", timeout=1.0, prompt="Tea is",
+             params=p.SamplingParams(max_tokens=0, echo=True, logprobs=1, prompt_logprobs=3)),
     p.Cancel(ids=["r1", "r2"]),
     p.Step([p.Output("r1", "Hel"), p.Output("r2", "巴黎 🇫🇷", [LOGPROB]),
-            p.Output("r3", "", finish="stop", usage=p.Usage(12, 3))]),
+            p.Output("r3", "", finish="stop", usage=p.Usage(12, 3)),
+            p.Output("r4", "The cat", [], "length", p.Usage(2, 0), PROMPT)]),
     p.Error("r1", p.ErrorCode.MODEL_NOT_FOUND, "no such model"),
     p.Disconnect("shutdown"),
     p.Disconnect("drain", drain=True),
@@ -92,7 +97,10 @@ SUBMIT = as_builtins(EXAMPLES[3])
     ({"params": {"temperature": 2.5}}, "params.temperature"),
     ({"params": {"temperature": float("nan")}}, "params.temperature"),
     ({"params": {"top_p": 0.0}}, "params.top_p"),
-    ({"params": {"max_tokens": 0}}, "params.max_tokens"),
+    ({"params": {"max_tokens": -1}}, "params.max_tokens"),
+    ({"params": {"max_tokens": 0}}, "only allowed with echo"),
+    ({"params": {"prompt_logprobs": p.MAX_TOP_LOGPROBS + 1}}, "params.prompt_logprobs"),
+    ({"params": {"prompt_logprobs": -1}}, "params.prompt_logprobs"),
     ({"params": {"presence_penalty": -2.5}}, "params.presence_penalty"),
     ({"params": {"seed": 2**63}}, "params.seed"),
     ({"params": {"stop": ["x"] * (p.MAX_STOP_STRINGS + 1)}}, "params.stop"),
@@ -122,6 +130,9 @@ def test_a_ready_beyond_the_caps_is_refused(body, where):
     ([["r1", "x", None, "stop"]], "usage"),
     ([["r1", "x", None, None, [1, 1]]], "usage"),
     ([["r1", "x", None, "exploded", [1, 1]]], "Invalid enum value .exploded."),
+    ([["r1", "x", None, None, None, [[1, "a", b"a"]]]], "at least length 4"),  # a prompt token without its offset
+    ([["r1", "x", None, None, None, [[1, "a", b"a", 0, -1.0, -2]]]], r"at `\$.outputs\[0\]\[5\]\[0\]\[5\]`"),  # a negative rank
+    ([["r1", "x", None, None, None, [[-1, "a", b"a", 0]]]], r"at `\$.outputs\[0\]\[5\]\[0\]\[0\]`"),  # a negative token id
     ([], "length >= 1"),
 ])
 def test_a_malformed_step_is_refused(outputs, reason):

@@ -19,7 +19,8 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
                        its tokens' logprobs where the job asked, and for a finished sequence its
-                       finish reason and usage. The broker frees a slot for each finished output.
+                       finish reason and usage; a sequence's first also carries its prompt's
+                       tokens' logprobs where asked. The broker frees a slot for each finished output.
   ERROR       W/B->F   Error: a job that ended without an answer, with an ErrorCode (never an HTTP
                        status: which status a code gets is the API's business)
   DISCONNECT  W->B     Disconnect: with `drain`, the worker takes no new jobs and finishes those it
@@ -127,7 +128,7 @@ class Heartbeat(Wire):
 class SamplingParams(Wire, frozen=True):
     """How to sample one job. None means the model's own default (then OpenAI's)."""
 
-    max_tokens: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None
+    max_tokens: Count | None = None  # 0 (with echo): only score the prompt, generate nothing
     temperature: Annotated[float, Meta(ge=0.0, le=MAX_TEMPERATURE)] | None = None
     top_p: Probability | None = None
     top_k: Count = 0  # 0: no limit
@@ -143,6 +144,12 @@ class SamplingParams(Wire, frozen=True):
     logit_bias: Annotated[dict[Annotated[int, Meta(ge=0, le=MAX_INT)],
                                Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
                           Meta(max_length=MAX_BIASED_TOKENS)] = field(default_factory=dict)
+    # The prompt's tokens' logprobs, with this many alternatives each (vLLM's prompt_logprobs)
+    prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def __post_init__(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is only allowed with echo, to score the prompt")
 
 
 class ChatMessage(Wire):
@@ -171,6 +178,7 @@ class Alternative(Packed):
     token: str  # the token's text, or "bytes:\\xNN..." when it holds part of a character
     raw: bytes  # its bytes
     logprob: float
+    id: Count | None = None  # its token id, for a prompt token's alternatives (vLLM's prompt_logprobs name them so)
 
 
 class TokenLogprob(Packed):
@@ -179,6 +187,19 @@ class TokenLogprob(Packed):
     logprob: float
     top: list[Alternative]  # the likeliest tokens at this position, with their logprobs
     offset: Count  # where the token's text starts in the output (echo included)
+
+
+class PromptToken(Packed):
+    """A prompt token and how likely the model found it after the tokens before it. The
+    first has no logprob: nothing comes before it."""
+
+    id: Count
+    token: str
+    raw: bytes
+    offset: Count  # where its text starts in the prompt's text
+    logprob: float | None = None
+    rank: Count = 0  # 1 + how many tokens the model found likelier (0: no logprob)
+    top: list[Alternative] = field(default_factory=list)  # the likeliest tokens at this position
 
 
 class Usage(Packed):
@@ -198,6 +219,8 @@ class Output(Packed):
     logprobs: list[TokenLogprob] | None = None  # of the tokens that made `text`, where the job asked
     finish: FinishReason | None = None  # set on the sequence's last output
     usage: Usage | None = None  # with `finish`
+    # Every prompt token, in the sequence's first output, where the job asked (prompt_logprobs)
+    prompt_logprobs: list[PromptToken] | None = None
 
     def __post_init__(self):
         if (self.finish is None) != (self.usage is None):

@@ -6,7 +6,9 @@ ids for a completion, with the runner's tokenizer, and checks it, or raises JobE
 engine thread hands sequences to `add()` and ids to `cancel()`, and calls `step()` in a loop. A step asks the
 scheduler for the batch, has the runner (a model, or the fake) produce each sequence's next
 token, and the detokeniser turn it into text; it returns a protocol.Output for each sequence
-with new text or that finished, and finished sequences leave the scheduler.
+with new text or that finished, and finished sequences leave the scheduler. A sequence's first
+output carries its prompt's logprobs where the job asked; one with max_tokens 0 only scores its
+prompt, and ends after its prefill.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Runner(Protocol):
     def token_bytes(self, token_id: int) -> bytes: ...
 
     def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
-        """Each sequence's next token and its logprobs (None where not asked), in batch order."""
+        """Each sequence's next token and its logprobs (None where not asked), in batch order.
+        A new sequence that wants its prompt's logprobs gets them in `seq.prompt_logprobs`."""
 
 
 class Engine:
@@ -162,13 +165,16 @@ class Engine:
             return []
         outputs = []
         for seq, token, logprobs in zip(batch.sequences, *self.runner.run(batch)):
-            delta = self.detokenizer.append(seq, token, logprobs)
+            if seq.max_tokens == 0:  # it only scores its prompt: the token is not its to keep
+                seq.finish_reason, delta = "length", ""
+            else:
+                delta = self.detokenizer.append(seq, token, logprobs)
             if seq.pending_echo:
                 delta, seq.pending_echo = seq.pending_echo + delta, ""
             if seq.finish_reason:
                 self.scheduler.remove(seq)
                 outputs.append(self._output(seq, delta))
-            elif delta:
+            elif delta or seq.prompt_logprobs is not None:
                 outputs.append(self._output(seq, delta))
         self._release_if_idle()
         return outputs
@@ -183,4 +189,4 @@ class Engine:
         """`seq`'s output of `text`, with (and handing out) the logprobs that go with it."""
         logprobs = None if seq.params.logprobs is None else self.detokenizer.take_logprobs(seq)
         usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.cached_tokens) if seq.finish_reason else None
-        return Output(seq.id, text, logprobs, seq.finish_reason, usage)
+        return Output(seq.id, text, logprobs, seq.finish_reason, usage, self.detokenizer.take_prompt_logprobs(seq))

@@ -3,8 +3,9 @@
 It answers with the words of the last user message (of the prompt, for a completion), one
 word per step and then end-of-sequence, taking `delay` seconds a step whatever the batch size
 (like a batched forward pass). Its tokens are words with their trailing space; each new word
-it reads gets the next id. Its logprobs are certain: 0 for the word it says, the floor for
-the alternatives it lists after it. It keeps each batch row's answer as a model keeps a KV
+it reads gets the next id. Its logprobs are certain: 0 for the word it says (and for each
+word of a prompt that asks for its logprobs, rank 1), the floor for the alternatives it lists
+after it. It keeps each batch row's answer as a model keeps a KV
 cache row, following the scheduler's Batch.
 """
 
@@ -70,6 +71,10 @@ class FakeRunner:
 
     def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
         self.answers = [self.answers[i] for i in batch.kept] + [self._answer(s) for s in batch.new]
+        for seq in batch.new:
+            if seq.wants_prompt_logprobs:
+                seq.prompt_logprobs = [(logprob, 1, top) for logprob, top in
+                                       (self._logprobs(t, seq.params.prompt_logprobs) for t in seq.prompt_ids[1:])]
         if not batch.sequences:
             return [], []
         if self.delay:
