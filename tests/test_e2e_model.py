@@ -177,3 +177,33 @@ def test_chat_prompt_logprobs_cover_the_whole_template(client, model):
     assert ours == pytest.approx(direct_logprobs(model, ids), abs=1e-4)
     assert all(2 <= len(position) <= 3 for position in scored[1:])
     assert reply.usage.prompt_tokens_details.cached_tokens == 0  # computed afresh, logits and all
+
+
+def test_an_embedding_is_the_mean_of_the_models_last_hidden_states(client, model):
+    import torch
+
+    text = "Tea is a drink made from the leaves of a shrub."
+    reply = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=text, encoding_format="float")
+    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        hidden = model.model(ids, output_hidden_states=True).hidden_states[-1][0].float()
+    expected = torch.nn.functional.normalize(hidden.mean(0), dim=0)
+    assert reply.data[0].embedding == pytest.approx(expected.tolist(), abs=1e-4)
+    assert len(reply.data[0].embedding) == 576 and reply.usage.prompt_tokens == ids.shape[1]
+
+
+def test_embeddings_are_unit_length_and_the_same_in_a_batch_as_alone(client):
+    import math
+
+    texts = ["short", "a somewhat longer sentence about the weather in Paris", "The capital of France is Paris."]
+    batch = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=texts).data  # base64, the client's default
+    for text, together in zip(texts, batch):
+        alone = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=text).data[0].embedding
+        assert math.isclose(math.hypot(*together.embedding), 1.0, abs_tol=1e-5)
+        assert together.embedding == pytest.approx(alone, abs=1e-5)  # padding on the right changes nothing
+    cut = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=texts[0], dimensions=64).data[0].embedding
+    norm = math.hypot(*batch[0].embedding[:64])
+    assert cut == pytest.approx([x / norm for x in batch[0].embedding[:64]], abs=1e-5)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=DEFAULT_MODEL_NAME, input="x", dimensions=577)
+    assert info.value.param == "dimensions" and "576" in info.value.message

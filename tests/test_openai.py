@@ -277,6 +277,69 @@ def test_streamed_completion(client):
     assert_usage_adds_up(chunks[-1].usage)
 
 
+# -- embeddings -------------------------------------------------------------------------------
+
+def embed(client, inputs, **options):
+    return client.embeddings.create(model="fake", input=inputs, **options)
+
+
+def test_embeddings_of_every_input_shape(client):
+    import math
+
+    complete(client, "red green blue")  # the fake numbers words as it meets them: ids 1 to 3 exist now
+    for inputs, count in (("red green", 1), (["red green", "blue", "red"], 3), ([1, 2], 1), ([[1], [2, 3]], 2)):
+        reply = embed(client, inputs, encoding_format="float")
+        assert [d.index for d in reply.data] == list(range(count)) and reply.object == "list"
+        assert all(len(d.embedding) == 8 and math.isclose(math.hypot(*d.embedding), 1.0, abs_tol=1e-6)
+                   for d in reply.data)  # the fake's size; unit length
+        assert reply.usage.prompt_tokens == reply.usage.total_tokens > 0 and reply.model == "fake"
+    reply = embed(client, ["red green ", "green red ", "blue"], encoding_format="float")
+    assert reply.data[0].embedding == reply.data[1].embedding != reply.data[2].embedding  # the fake counts words
+    assert reply.usage.prompt_tokens == 5
+
+
+def test_base64_embeddings_are_the_float_ones_as_little_endian_float32(client):
+    import base64
+    import struct
+
+    texts = ["one two", "three four five", "six"]
+    floats = embed(client, texts, encoding_format="float").data
+    raw = client.embeddings.with_raw_response.create(model="fake", input=texts, encoding_format="base64").parse()
+    for plain, encoded in zip(floats, raw.data):
+        assert isinstance(encoded.embedding, str)
+        assert list(struct.unpack("<8f", base64.b64decode(encoded.embedding))) == plain.embedding
+    # The client asks for base64 unless told otherwise, and decodes it itself.
+    assert [d.embedding for d in embed(client, texts).data] == [d.embedding for d in floats]
+
+
+def test_embedding_dimensions_cut_and_renormalise(client):
+    import math
+
+    full = embed(client, "a b c d e f g h", encoding_format="float").data[0].embedding
+    cut = embed(client, "a b c d e f g h", dimensions=3, encoding_format="float").data[0].embedding
+    norm = math.hypot(*full[:3])
+    assert len(cut) == 3 and cut == pytest.approx([x / norm for x in full[:3]], abs=1e-6)
+
+
+def test_bad_embedding_requests_get_a_400_naming_the_parameter(client):
+    cases = [
+        ("dimensions", {"input": "x", "dimensions": 9}),  # more than the model has: the worker says so
+        ("dimensions", {"input": "x", "dimensions": 0}),
+        ("input", {"input": ""}),
+        ("input", {"input": []}),
+        ("input", {"input": ["x"] * 257}),
+        ("input", {"input": [[999999]]}),  # outside the vocabulary
+        ("input", {"input": " ".join(["w"] * 4097)}),  # past the context window
+        ("encoding_format", {"input": "x", "encoding_format": "int8"}),
+    ]
+    for param, body in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.embeddings.create(model="fake", **body)
+        assert (info.value.param or "").split(".")[0] == param, (param, info.value.message)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
+
+
 # -- keys -------------------------------------------------------------------------------------
 
 def test_a_completion_stream_ends_with_its_last_text(client):

@@ -10,17 +10,22 @@ frames into a message, or raises ProtocolError for anything else (another protoc
 version, an unknown command, a missing or mistyped field, a value out of range), which the
 receiver logs and drops. So no handler ever looks into an unchecked body.
 
-  READY       W->B     Ready: the worker's id, the models it serves, its slots, host, device, pid
+  READY       W->B     Ready: the worker's id, the models it serves and for which tasks (generate,
+                       embed), its slots, host, device, pid
   HEARTBEAT   W<->B    Heartbeat; a frontend's HEARTBEAT (F->B) is answered with the broker's id,
               F<->B    new after a restart. A frontend silent for long has its jobs cancelled.
   SUBMIT      F->B->W  Submit: one job (one choice of a request): id, model, timeout in seconds,
-                       SamplingParams, and either `messages` (a chat) or `prompt` (a completion:
-                       text or token ids)
+                       SamplingParams, and one of `messages` (a chat), `prompt` (a completion:
+                       text or token ids) or `embed` (an embeddings request: all its inputs). Its
+                       task (generate, or embed) is all the broker reads of it: it goes to a
+                       worker that serves the model for that task
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
                        its tokens' logprobs where the job asked, and for a finished sequence its
                        finish reason and usage; a sequence's first also carries its prompt's
-                       tokens' logprobs where asked. The broker frees a slot for each finished output.
+                       tokens' logprobs where asked; an embedding job's outputs carry the vectors
+                       of the inputs embedded that step, in order. The broker frees a slot for
+                       each finished output.
   ERROR       W/B->F   Error: a job that ended without an answer, with an ErrorCode (never an HTTP
                        status: which status a code gets is the API's business)
   DISCONNECT  W->B     Disconnect: with `drain`, the worker takes no new jobs and finishes those it
@@ -66,12 +71,16 @@ MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit an int64
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's; -100 bans the token
 MAX_BIASED_TOKENS = 1024  # tokens one request may bias
+MAX_EMBED_INPUTS = 256  # inputs of one embeddings request (OpenAI's 2048 would not fit a frame's vectors)
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
 Count = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+TokenIds = Annotated[list[Annotated[int, Meta(ge=0, le=MAX_INT)]], Meta(min_length=1)]
+Task = Literal["generate", "embed"]  # what a worker does with a model: generate text, or embed inputs
+TASKS: tuple[Task, ...] = ("generate", "embed")
 
 
 class ErrorCode(str, enum.Enum):
@@ -95,10 +104,14 @@ class ProtocolError(ValueError):
 class JobError(Exception):
     """A job refused or failed, raised where it is found and sent as an Error message."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, param: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request parameter at fault, if one is
+
+    def error(self, job_id: str) -> Error:
+        return Error(job_id, self.code, self.message, self.param)
 
 
 # -- messages -----------------------------------------------------------------------------
@@ -119,6 +132,7 @@ class Ready(Wire):
     device: Annotated[str, Meta(max_length=MAX_NAME)] = ""
     pid: Count = 0
     max_model_len: Count = 0  # the model's context window, in tokens (0: not said)
+    tasks: Annotated[list[Task], Meta(min_length=1)] = field(default_factory=lambda: list(TASKS))
 
 
 class Heartbeat(Wire):
@@ -157,17 +171,30 @@ class ChatMessage(Wire):
     content: str
 
 
+class Embed(Wire):
+    """An embeddings request: its inputs (texts or token ids), each embedded into one vector."""
+
+    inputs: Annotated[list[Annotated[str, Meta(min_length=1)] | TokenIds],
+                      Meta(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    dimensions: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None  # None: the model's own size
+
+
 class Submit(Wire):
     id: Id
     model: Name
     timeout: Annotated[float, Meta(gt=0.0, le=MAX_TIMEOUT)]  # seconds from now (clocks differ across machines)
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
-    prompt: str | Annotated[list[Annotated[int, Meta(ge=0, le=MAX_INT)]], Meta(min_length=1)] | None = None
+    prompt: str | TokenIds | None = None
+    embed: Embed | None = None
 
     def __post_init__(self):
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("a job has either messages or a prompt")
+        if [self.messages, self.prompt, self.embed].count(None) != 2:
+            raise ValueError("a job has one of messages, a prompt or inputs to embed")
+
+    @property
+    def task(self) -> Task:
+        return "generate" if self.embed is None else "embed"
 
 
 class Cancel(Wire):
@@ -221,10 +248,14 @@ class Output(Packed):
     usage: Usage | None = None  # with `finish`
     # Every prompt token, in the sequence's first output, where the job asked (prompt_logprobs)
     prompt_logprobs: list[PromptToken] | None = None
+    # An embedding job's vectors of this step's inputs, in order: little-endian float32 each
+    embeddings: list[bytes] | None = None
 
     def __post_init__(self):
         if (self.finish is None) != (self.usage is None):
             raise ValueError("a finished output has usage, and only a finished one")
+        if self.embeddings and any(len(vector) % 4 for vector in self.embeddings):
+            raise ValueError("an embedding is float32 values: a multiple of 4 bytes")
 
 
 class Step(Wire):
@@ -235,6 +266,7 @@ class Error(Wire):
     id: Annotated[str, Meta(max_length=MAX_ID)]
     code: ErrorCode
     message: str
+    param: Annotated[str, Meta(max_length=64)] = ""  # the request parameter at fault, where the worker knows it
 
 
 class Disconnect(Wire):
@@ -253,6 +285,7 @@ class WorkerStatus(Wire):
     done: int
     draining: bool
     last_heard: float  # seconds since the broker last heard from it
+    tasks: list[Task] = field(default_factory=lambda: list(TASKS))
 
 
 class ModelStatus(Wire):

@@ -4,19 +4,22 @@ Events (each choice's Outputs, or the error that ends the request) come in from 
 interleaved across choices; they leave as one JSON body (`json()`) or as server-sent events in
 OpenAI's chunk format (`sse()`), and are counted in the request's metrics on the way.
 Completion does both for any API; ChatCompletion and TextCompletion shape their choices.
+Embeddings gathers an embedding job's vectors, as they come in its outputs, into one body.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import struct
 import time
 from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse
 
 from zmqchat.api.errors import LOGGED_MESSAGE, broker_error_body, broker_error_response, clip
-from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationRequest
 from zmqchat.client import BrokerClient, BrokerError, Event, Stream
 from zmqchat.metrics import RequestMetrics
 from zmqchat.protocol import Alternative, Output, PromptToken, TokenLogprob
@@ -64,9 +67,10 @@ class Completion:
         usage = self._usage()
         reasons = {output.finish for output in self.finished.values()}
         outcome = reasons.pop() if len(reasons) == 1 else "mixed"
-        self.timing.finished(outcome, usage["prompt_tokens"], usage["completion_tokens"])
+        output_tokens = usage.get("completion_tokens", 0)
+        self.timing.finished(outcome, usage["prompt_tokens"], output_tokens)
         log.info("request %s: %s, %d prompt + %d output tokens", self.stream.id, outcome,
-                 usage["prompt_tokens"], usage["completion_tokens"])
+                 usage["prompt_tokens"], output_tokens)
 
     def failed(self, error: BrokerError) -> None:
         self.timing.failed(error.code.value)
@@ -219,6 +223,33 @@ class TextCompletion(Completion):
                 "top_logprobs": [None if t.logprob is None else _top(t.top[:k]) for t in echoed]
                                 + [_top(e.top) for e in entries],
                 "text_offset": [t.offset for t in echoed] + [e.offset for e in entries]}
+
+
+class Embeddings(Completion):
+    """An embedding job's vectors, which arrive a step's worth at a time, in one body."""
+
+    object = "list"
+    id_prefix = "embd-"
+    request: EmbeddingRequest
+
+    async def json(self, first: Event) -> JSONResponse | dict:
+        vectors: list[bytes] = []
+        async for event in self.events(first):
+            if event.error is not None:
+                return broker_error_response(event.error)
+            vectors += event.output.embeddings or []
+        data = [{"object": "embedding", "index": i, "embedding": self._encoded(v)} for i, v in enumerate(vectors)]
+        return {"object": self.object, "data": data, "model": self.request.model, "usage": self._usage()}
+
+    def _encoded(self, vector: bytes) -> list[float] | str:
+        """The wire's little-endian float32 bytes are what OpenAI's base64 holds."""
+        if self.request.encoding_format == "base64":
+            return base64.b64encode(vector).decode()
+        return list(struct.unpack(f"<{len(vector) // 4}f", vector))
+
+    def _usage(self) -> dict:
+        tokens = sum(output.usage.prompt_tokens for output in self.finished.values())
+        return {"prompt_tokens": tokens, "total_tokens": tokens}
 
 
 def _top(alternatives: list[Alternative]) -> dict:

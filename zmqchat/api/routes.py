@@ -1,7 +1,8 @@
 """The app: create_app() and its routes, OpenAI's HTTP API in front of the broker.
 
 A request passes the Gate, is validated into a schema, and goes to the broker as one SUBMIT
-per choice over the process's single BrokerClient (app.state.client). The first event decides
+per choice (an embeddings request: one for all its inputs) over the process's single
+BrokerClient (app.state.client). The first event decides
 the HTTP status; the rest leave through a Completion as JSON or SSE. A client that goes away
 before its reply has its jobs cancelled. Around the API: the chat page, /health, /metrics and
 /v1/cluster (the broker's STATUS).
@@ -22,8 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from zmqchat.api.errors import ERRORS, add_error_handlers, broker_error_response, clip, error_response
 from zmqchat.api.gate import Gate
-from zmqchat.api.responses import ChatCompletion, Completion, TextCompletion
-from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from zmqchat.api.responses import ChatCompletion, Completion, Embeddings, TextCompletion
+from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationRequest
 from zmqchat.client import BrokerClient, BrokerError
 from zmqchat.config import APIConfig
 from zmqchat.curve import describe
@@ -121,7 +122,12 @@ async def completions(request: Request, body: CompletionRequest):
     return await generate(request, body, TextCompletion)
 
 
-async def generate(request: Request, body: GenerationRequest, completion_type: type[Completion]):
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, body: EmbeddingRequest):
+    return await generate(request, body, Embeddings)
+
+
+async def generate(request: Request, body: GenerationRequest | EmbeddingRequest, completion_type: type[Completion]):
     client, state = broker(request), request.app.state
     timing = RequestMetrics(state.metrics, body.model)
     try:

@@ -10,7 +10,7 @@ The ranges are the wire's own (protocol.py); MAX_N and MAX_CHOICES are the API's
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -18,8 +18,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from zmqchat import protocol as p
 from zmqchat.config import COMPLETION_MAX_TOKENS
-from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS,
-                              MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
+from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_EMBED_INPUTS, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY,
+                              MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
 
 MAX_N = 16  # choices of one prompt
 MAX_CHOICES = 128  # choices of one request: prompts x n
@@ -209,3 +209,21 @@ class CompletionRequest(GenerationRequest):
                "prompt_logprobs": max(wanted, default=None)}
         return [{"prompt": prompt, "params": self.sampling(i, **own)}
                 for prompt in self.each_prompt(self.prompt) for i in range(self.n)]
+
+
+class EmbeddingRequest(Strict):
+    """OpenAI's embeddings request: one job, all its inputs."""
+
+    model: Text = Field(min_length=1, max_length=MAX_NAME)
+    input: (Annotated[Text, Field(min_length=1)]
+            | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_INT)  # the vectors cut to this many values
+    user: str | None = None
+    stream: ClassVar[bool] = False  # an embedding is not streamed
+
+    def choices(self) -> list[dict]:
+        inputs = CompletionRequest.each_prompt(self.input)  # a string or token ids is one input, as a prompt is
+        return [{"embed": p.Embed(inputs, self.dimensions)}]
+

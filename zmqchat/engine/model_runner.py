@@ -16,6 +16,10 @@ A sequence that asks for its prompt's logprobs needs the logits of every prompt 
 preamble's included: it is prefilled apart from the others (which keep computing the logits of
 their last position only), without the cached preamble, a chunk of positions at a time so that
 a long prompt's logits are never all in memory at once.
+
+`embed()` runs inputs through the model without generating (no KV cache is kept): an input's
+embedding is its last hidden states (the base model's output, after its final norm: what the LM
+head reads) averaged over its own tokens, scaled to unit length.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class HFRunner:
         self.context_window = int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
         self.token_budget = max_tokens_in_flight or default_token_budget(self.model, self.device)
         self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+        self.embedding_size = config.hidden_size
         self.stop_token_ids = self._stop_token_ids()
         generation = self.model.generation_config
         # The model's own temperature and top_p, where its authors chose how it should sample.
@@ -141,6 +146,17 @@ class HFRunner:
             if not logits:
                 return [], []
             return sample(torch.cat(logits), batch.sequences, self.generators, self.stop_token_ids)
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Each input's mean-pooled, normalised last hidden state. Inputs are padded on the
+        right, so that their own tokens keep their positions and attend only to each other."""
+        width = max(map(len, inputs))
+        ids = torch.tensor([tokens + [self.pad_id] * (width - len(tokens)) for tokens in inputs], device=self.device)
+        mask = torch.tensor([[1] * len(tokens) + [0] * (width - len(tokens)) for tokens in inputs], device=self.device)
+        with torch.inference_mode():
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            pooled = (hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            return F.normalize(pooled, dim=-1).tolist()
 
     def _forward(self, input_ids, mask, positions, cache, every_position: bool = False):
         """Logits of each row's last position; with `every_position`, of all its positions."""
