@@ -15,9 +15,10 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-# Padded tokens (inputs x the longest of them) one step embeds at most: about what a prefill of a
-# few prompts costs; an input longer than this runs alone.
-EMBED_TOKENS_PER_STEP = 2048
+# Padded tokens (inputs x the longest of them) one step embeds at most: what a prefill of one long
+# prompt costs, so that the decodes stall no longer for it (about 2 s on two CPU cores, a few ms
+# on a GPU); an input longer than this runs alone.
+EMBED_TOKENS_PER_STEP = 512
 # Bytes of vectors one step sends at most: a quarter of a frame, the rest of the STEP left to text.
 EMBED_BYTES_PER_STEP = 2 * 1024 * 1024
 
