@@ -92,6 +92,22 @@ def test_jobs_wait_for_a_free_slot(broker):
     assert worker.recv().id == "j2"
 
 
+def test_a_job_waiting_for_a_busy_task_does_not_hold_up_another_tasks(broker):
+    peer = broker()
+    generator, embedder, frontend = peer("worker"), peer("worker"), peer("frontend")
+    generator.send(p.Ready(worker_id="g", models=["m"], slots=1, tasks=["generate"]))
+    embedder.send(p.Ready(worker_id="e", models=["m"], slots=4, tasks=["embed"]))
+    wait_for_workers(frontend, 2)
+    submit(frontend, "chat1")
+    submit(frontend, "chat2")  # waits: the only generating worker is busy
+    frontend.send(p.Submit(id="emb", model="m", timeout=30.0, embed=p.Embed(["hi"])))
+    assert generator.recv().id == "chat1" and generator.recv(timeout=0.5) is None
+    assert embedder.recv(beat=True).id == "emb"  # past chat2, to the worker that embeds
+    assert embedder.recv(timeout=0.5) is None  # and never a chat
+    generator.send(p.Step([output("chat1", "", "stop")]))
+    assert generator.recv(beat=True).id == "chat2"
+
+
 def test_unknown_model_and_no_worker_are_told_apart(broker):
     peer = broker()
     frontend = peer("frontend")

@@ -9,6 +9,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import psutil
 import pytest
 from conftest import chat, free_port, wait_for
@@ -41,6 +42,25 @@ def test_two_workers_both_get_work_under_every_policy(cluster, policy):
     assert len(done) == 2 and sum(done.values()) == 48
     assert min(done.values()) >= 8, f"{policy} starved a worker: {done}"
     assert report["models"]["fake"] == {"workers": 2, "slots": 8, "free": 8, "queued": 0, "max_model_len": 4096}
+
+
+def test_jobs_go_only_to_workers_that_serve_their_task(cluster):
+    cluster.broker()
+    cluster.worker("--task", "embed", "--fake-delay", "0.02")
+    cluster.api()
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:  # at once: no worker generates with the model
+        client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.param == "model" and "generate" in info.value.message
+    cluster.worker("--task", "generate", "--fake-delay", "0.02")
+    with ThreadPoolExecutor(8) as pool:
+        embeddings = [pool.submit(client.embeddings.create, model="fake", input=[f"text {i}", "more"])
+                      for i in range(12)]
+        answers = load(cluster.url, requests=12, concurrency=4)
+        assert all(len(e.result().data) == 2 for e in embeddings)
+    assert answers == [f"request {i} of the load" for i in range(12)]
+    done = {tuple(w["tasks"]): w["done"] for w in cluster.status()["workers"]}
+    assert done == {("embed",): 12, ("generate",): 12}
 
 
 def test_shortest_queue_spreads_even_one_request_at_a_time(cluster):

@@ -125,3 +125,18 @@ def test_unset_parameters_take_the_models_defaults():
     assert (resolved.temperature, resolved.top_p, resolved.max_tokens) == (0.2, 0.9, 5)
     assert resolve(SamplingParams(temperature=0.0), defaults).temperature == 0.0  # the request wins
     assert resolve(SamplingParams(), {}).temperature == 1.0 and resolve(SamplingParams(), {}).top_p == 1.0
+
+
+def test_prompt_tokens_are_named_and_placed_in_the_prompts_text():
+    tokenizer = Bytes()
+    ids = tokenizer.ids(b"caf", b"\xc3", b"\xa9 ") + [EOS] + tokenizer.ids(b"ok")
+    seq = Sequence("s", ids, resolve(SamplingParams(), {}), 1)
+    seq.prompt_logprobs = [(-1.0, 3, [(1, -0.5)]), (float("-inf"), 9, []), (-2.0, 1, []), (-0.25, 1, [])]
+    prompt = Detokenizer(tokenizer, {EOS}).take_prompt_logprobs(seq)
+    assert [t.token for t in prompt] == ["caf", "bytes:\\xc3", "bytes:\\xa9\\x20", "</s>", "ok"]
+    # Text: "café ok"; a character's second half, and a special token (decoded as nothing), start where the text is.
+    assert [t.offset for t in prompt] == [0, 3, 3, 5, 5]
+    assert [t.logprob for t in prompt] == [None, -1.0, LOGPROB_FLOOR, -2.0, -0.25]  # the first has none
+    assert [t.rank for t in prompt] == [0, 3, 9, 1, 1] and prompt[1].top == [Alternative("caf", b"caf", -0.5, 1)]
+    assert seq.prompt_logprobs is None  # taken once: they leave with the first output
+    assert Detokenizer(tokenizer, {EOS}).take_prompt_logprobs(seq) is None

@@ -125,10 +125,88 @@ def test_completion_continues_raw_text(client):
     prompt = "The capital of France is"
     reply = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0,
                                       echo=True, logprobs=1)
+    choice, usage = reply.choices[0], reply.usage
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    logprobs = choice.logprobs  # the echoed prompt's tokens, then the completion's
+    assert "".join(logprobs.tokens) == choice.text
+    assert len(logprobs.tokens) == usage.prompt_tokens + usage.completion_tokens
+    assert logprobs.text_offset[usage.prompt_tokens] == len(prompt)
+    assert logprobs.token_logprobs[0] is None and None not in logprobs.token_logprobs[1:]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The default model loaded here, as the worker loads it, to check what the server says against."""
+    from zmqchat import models
+
+    return models.load(device="cpu")
+
+
+def direct_logprobs(model, ids: list[int]) -> list[float]:
+    """Each token's logprob after those before it, by transformers alone."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model.model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_as_transformers_does(client, model):
+    """lm-evaluation-harness's loglikelihood request."""
+    text = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
+    reply = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=text, echo=True, logprobs=1, max_tokens=0)
     choice = reply.choices[0]
-    assert choice.text.startswith(prompt)
-    assert "".join(choice.logprobs.tokens) == choice.text[len(prompt):]
-    assert choice.logprobs.text_offset[0] == len(prompt)
+    assert choice.text == text and choice.finish_reason == "length" and reply.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == text and logprobs.token_logprobs[0] is None
+    assert logprobs.top_logprobs[0] is None and all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    assert all(text[offset:].startswith(token) for token, offset in zip(logprobs.tokens, logprobs.text_offset))
+    expected = direct_logprobs(model, model.tokenizer(text).input_ids)
+    assert sum(logprobs.token_logprobs[1:]) == pytest.approx(sum(expected), abs=1e-3)
+
+
+def test_chat_prompt_logprobs_cover_the_whole_template(client, model):
+    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=2,
+                                           extra_body={"prompt_logprobs": 2})
+    scored = reply.model_extra["prompt_logprobs"]
+    templated = model.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    ids = model.tokenizer(templated, add_special_tokens=False).input_ids
+    assert len(scored) == len(ids) == reply.usage.prompt_tokens and scored[0] is None
+    # The prompt's own token first (the template's system prompt included, which is otherwise cached), then the top 2.
+    ours = [position[str(token)]["logprob"] for token, position in zip(ids[1:], scored[1:])]
+    assert ours == pytest.approx(direct_logprobs(model, ids), abs=1e-4)
+    assert all(2 <= len(position) <= 3 for position in scored[1:])
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0  # computed afresh, logits and all
+
+
+def test_an_embedding_is_the_mean_of_the_models_last_hidden_states(client, model):
+    import torch
+
+    text = "Tea is a drink made from the leaves of a shrub."
+    reply = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=text, encoding_format="float")
+    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        hidden = model.model(ids, output_hidden_states=True).hidden_states[-1][0].float()
+    expected = torch.nn.functional.normalize(hidden.mean(0), dim=0)
+    assert reply.data[0].embedding == pytest.approx(expected.tolist(), abs=1e-4)
+    assert len(reply.data[0].embedding) == 576 and reply.usage.prompt_tokens == ids.shape[1]
+
+
+def test_embeddings_are_unit_length_and_the_same_in_a_batch_as_alone(client):
+    import math
+
+    texts = ["short", "a somewhat longer sentence about the weather in Paris", "The capital of France is Paris."]
+    batch = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=texts).data  # base64, the client's default
+    for text, together in zip(texts, batch):
+        alone = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=text).data[0].embedding
+        assert math.isclose(math.hypot(*together.embedding), 1.0, abs_tol=1e-5)
+        assert together.embedding == pytest.approx(alone, abs=1e-5)  # padding on the right changes nothing
+    cut = client.embeddings.create(model=DEFAULT_MODEL_NAME, input=texts[0], dimensions=64).data[0].embedding
+    norm = math.hypot(*batch[0].embedding[:64])
+    assert cut == pytest.approx([x / norm for x in batch[0].embedding[:64]], abs=1e-5)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=DEFAULT_MODEL_NAME, input="x", dimensions=577)
+    assert info.value.param == "dimensions" and "576" in info.value.message
 
 
 def test_responses_create_answers_as_the_same_chat_does(client):

@@ -9,7 +9,8 @@ import pytest
 
 from zmqchat.config import DEFAULT_MAX_TOKENS
 from zmqchat.engine import Engine, FakeRunner
-from zmqchat.protocol import Alternative, ChatMessage, ErrorCode, JobError, Output, SamplingParams, Submit, Usage
+from zmqchat.protocol import (Alternative, ChatMessage, Embed, ErrorCode, JobError, Output, SamplingParams, Submit,
+                              Usage)
 
 
 def job(job_id: str, content: str, **params) -> Submit:
@@ -195,6 +196,101 @@ def test_a_completion_echoes_its_prompt_before_the_output(fake):
     result = run_to_end(fake)["e"]
     assert result["text"] == "say thissay this"
     assert [e.offset for e in result["logprobs"]] == [8, 12]  # offsets in the echoed text
+
+
+def test_max_tokens_0_scores_the_prompt_in_one_step_beside_a_running_sequence(fake):
+    submit(fake, job("running", "a b c"))
+    fake.step()
+    submit(fake, completion("score", "to be or", echo=True, max_tokens=0, logprobs=1, prompt_logprobs=1))
+    outputs = {o.id: o for o in fake.step()}
+    scored = outputs["score"]
+    assert (scored.text, scored.finish, scored.usage.completion_tokens, scored.logprobs) == ("to be or", "length", 0, [])
+    assert [(t.token, t.offset, t.logprob, t.rank) for t in scored.prompt_logprobs] == [
+        ("to ", 0, None, 0), ("be ", 3, 0.0, 1), ("or", 6, 0.0, 1)]
+    assert outputs["running"].text == "b " and fake.scheduler.get("score") is None
+    assert run_to_end(fake)["running"]["text"] == "c"
+
+
+def test_prompt_logprobs_leave_with_the_first_output_only(fake):
+    submit(fake, job("p", "x y", prompt_logprobs=0))
+    first, *rest = [o for _ in range(4) for o in fake.step()]
+    assert [t.token for t in first.prompt_logprobs] == ["x ", "y"] and first.prompt_logprobs[1].top == []
+    assert first.text == "x " and all(o.prompt_logprobs is None for o in rest)
+
+
+def vectors(outputs: list[Output], job_id: str) -> list[tuple[float, ...]]:
+    import struct
+
+    raw = [v for o in outputs if o.id == job_id for v in o.embeddings or []]
+    return [struct.unpack(f"<{len(v) // 4}f", v) for v in raw]
+
+
+def test_an_embedding_job_runs_beside_a_running_sequence_and_leaves_when_done(fake):
+    submit(fake, job("chat", "a b c"))
+    fake.step()
+    submit(fake, Submit("emb", "m", 30.0, embed=Embed(["a b ", [1, 2], "c"], dimensions=4)))
+    outputs = fake.step()
+    assert [o.id for o in outputs] == ["chat", "emb"] and outputs[1].finish == "stop"
+    assert outputs[1].usage == Usage(5, 0) and len(vectors(outputs, "emb")) == 3
+    assert all(len(v) == 4 for v in vectors(outputs, "emb"))
+    assert vectors(outputs, "emb")[0] == vectors(outputs, "emb")[1]  # "a b " is ids 1, 2
+    assert fake.job_ids() == ["chat"]
+
+
+def test_a_large_embedding_job_is_spread_over_steps_in_order():
+    engine = Engine(FakeRunner())
+    engine.embed_inputs_per_step = 2  # as a model of 1 MiB vectors would have it
+    inputs = ["one two", "three", "four five six", "seven", "one two"]
+    engine.add(engine.prepare(Submit("emb", "m", 30.0, embed=Embed(inputs))))
+    steps = []
+    while engine.has_work:
+        steps.append(engine.step())
+    assert len(steps) > 1 and all(o.finish is None for step in steps[:-1] for o in step)
+    together = vectors([o for step in steps for o in step], "emb")
+    alone = []
+    for i, text in enumerate(inputs):
+        engine.add(engine.prepare(Submit(f"alone{i}", "m", 30.0, embed=Embed([text]))))
+        alone += vectors(engine.step(), f"alone{i}")
+    assert together == alone and together[0] == together[4]
+
+
+def test_embedding_jobs_take_slots_are_cancelled_and_refused_where_not_served():
+    engine = Engine(FakeRunner(), slots=2, tasks=("embed",))
+    engine.add(engine.prepare(Submit("e1", "m", 30.0, embed=Embed(["x"]))))
+    assert refused(engine, job("chat", "x")).message == "this worker does not generate with its model"
+    engine.add(engine.prepare(Submit("e2", "m", 30.0, embed=Embed(["y z"]))))
+    assert refused(engine, Submit("e3", "m", 30.0, embed=Embed(["w"]))).code == ErrorCode.OVERLOADED
+    assert engine.cancel("e2") == Output("e2", finish="cancelled", usage=Usage(2, 0))
+    assert engine.job_ids() == ["e1"]
+
+
+def test_embedding_inputs_are_checked_and_the_error_names_the_parameter(fake):
+    checks = [(Embed(["x"], dimensions=9), "dimensions", "more than this model"),
+              (Embed(["ok", [10**6]]), "input", "input[1] holds token ids outside"),
+              (Embed(["w " * 4097]), "input", "input[0] has 4097 tokens")]
+    for embed, param, message in checks:
+        error = refused(fake, Submit("bad", "m", 30.0, embed=embed))
+        assert error.param == param and message in error.message
+
+
+def test_take_inputs_fills_a_step_first_come_first_served():
+    from zmqchat.engine.embedding import EmbedJob, take_inputs
+
+    a, b = EmbedJob("a", [[1] * 3, [1] * 2], None), EmbedJob("b", [[1] * 6, [1]], None)
+    assert [(job.id, n) for job, n in take_inputs([a, b], max_inputs=8, budget=8).taken] == [("a", 2)]
+    assert [(job.id, n) for job, n in take_inputs([a, b], max_inputs=8, budget=24).taken] == [("a", 2), ("b", 2)]
+    assert [(job.id, n) for job, n in take_inputs([a, b], max_inputs=3, budget=20).taken] == [("a", 2), ("b", 1)]
+    long = EmbedJob("long", [[1] * 50], None)
+    assert take_inputs([long, a], max_inputs=8, budget=8).inputs == [[1] * 50]  # alone, however long
+
+
+def test_a_vector_cut_to_fewer_dimensions_is_scaled_back_to_unit_length():
+    import struct
+
+    from zmqchat.engine.embedding import packed
+
+    assert struct.unpack("<2f", packed([0.6, 0.0, 0.8], 2)) == (1.0, 0.0)
+    assert struct.unpack("<3f", packed([0.6, 0.0, 0.8], None)) == pytest.approx((0.6, 0.0, 0.8))
 
 
 def test_a_prompt_of_token_ids_is_checked_against_the_vocabulary(fake):
@@ -401,6 +497,39 @@ def test_default_model_logprobs_describe_its_own_greedy_choices(smol):
         assert len(e.top) == 3 and e.top[0].token == e.token and e.top[0].logprob == e.logprob  # greedy
         assert [a.logprob for a in e.top] == sorted((a.logprob for a in e.top), reverse=True)
         assert e.logprob <= 0 and sum(math.exp(a.logprob) for a in e.top) <= 1.0001
+
+
+def direct_logprobs(engine: Engine, ids: list[int]) -> list[float]:
+    """Each token's logprob after those before it, from transformers' own forward pass of the whole prompt."""
+    import torch
+
+    with torch.inference_mode():
+        logits = engine.runner.model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+@pytest.mark.model
+def test_default_model_prompt_logprobs_are_its_own_preamble_included_and_in_any_batch(smol, monkeypatch):
+    from zmqchat.engine import model_runner
+
+    submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
+    alone = run_to_end(smol)["plain"]["text"]
+    # The chat's prompt starts with the template's preamble, whose cached KV would hold no logits:
+    # the scoring sequence computes it afresh, in chunks of 3 positions here, beside one that reuses it.
+    monkeypatch.setattr(model_runner, "PROMPT_LOGIT_ROWS", 6)
+    submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
+    submit(smol, job("scored", "Name a colour.", temperature=0, max_tokens=2, prompt_logprobs=2))
+    outputs = [o for _ in range(8) for o in smol.step()]
+    scored = next(o.prompt_logprobs for o in outputs if o.id == "scored" and o.prompt_logprobs)
+    assert "".join(o.text for o in outputs if o.id == "plain") == alone  # the batch changed nothing
+    ids = [t.id for t in scored]
+    assert ids == smol.runner.encode_chat([ChatMessage("user", "Name a colour.")])
+    assert [t.logprob for t in scored[1:]] == pytest.approx(direct_logprobs(smol, ids), abs=1e-4)
+    for token in scored[1:]:
+        assert token.rank >= 1 and len(token.top) == 2 and token.top[0].logprob >= token.logprob
+        assert (token.rank == 1) == (token.top[0].id == token.id)
+    usage = {o.id: o.usage.cached_tokens for o in outputs if o.finish}
+    assert usage["scored"] == 0 and usage["plain"] > 0
 
 
 @pytest.mark.model

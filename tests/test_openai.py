@@ -210,10 +210,60 @@ def test_completion_echo_stop_and_logprobs(client):
     choice = reply.choices[0]
     assert choice.text == "the cat sat onthe cat " and choice.finish_reason == "stop"
     logprobs = choice.logprobs
-    assert logprobs.tokens == ["the ", "cat "] and logprobs.token_logprobs == [0.0, 0.0]
-    assert logprobs.text_offset == [14, 18]  # offsets in the text, after the echoed prompt
-    assert all(len(top) <= 2 and token in top for token, top in zip(logprobs.tokens, logprobs.top_logprobs))
+    # The echoed prompt's tokens first, as OpenAI's legacy endpoint gives them: the first has no logprob.
+    assert logprobs.tokens == ["the ", "cat ", "sat ", "on", "the ", "cat "]
+    assert logprobs.token_logprobs == [None, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert logprobs.text_offset == [0, 4, 8, 12, 14, 18]  # offsets in the text, the echoed prompt included
+    assert logprobs.top_logprobs[0] is None
+    assert all(len(top) <= 2 and token in top for token, top in zip(logprobs.tokens[1:], logprobs.top_logprobs[1:]))
     assert all(choice.text[o:].startswith(t) for t, o in zip(logprobs.tokens, logprobs.text_offset))
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
+    """lm-evaluation-harness's loglikelihood request: the prompt's tokens and their logprobs, nothing generated."""
+    reply = complete(client, ["to be or not", "to be"], echo=True, logprobs=1, max_tokens=0, temperature=0)
+    assert [c.text for c in reply.choices] == ["to be or not", "to be"]
+    assert all(c.finish_reason == "length" for c in reply.choices)
+    assert reply.choices[0].logprobs.tokens == ["to ", "be ", "or ", "not"]
+    assert reply.choices[0].logprobs.token_logprobs == [None, 0.0, 0.0, 0.0]
+    assert reply.choices[1].logprobs.text_offset == [0, 3]
+    assert reply.usage.prompt_tokens == 6 and reply.usage.completion_tokens == 0
+    assert complete(client, "to be", echo=True, max_tokens=0).choices[0].logprobs is None  # only when asked
+
+
+def test_a_streamed_echo_sends_the_prompts_logprobs_with_its_text(client):
+    chunks = [c.choices[0] for c in complete(client, "a b", echo=True, logprobs=0, max_tokens=1, stream=True)]
+    assert chunks[0].text == "a ba " and chunks[0].logprobs.tokens == ["a ", "b", "a "]
+    assert chunks[0].logprobs.token_logprobs[0] is None and chunks[-1].finish_reason == "length"
+
+
+def test_prompt_logprobs_in_vllms_shape(client):
+    reply = complete(client, "red green blue", max_tokens=1, extra_body={"prompt_logprobs": 1})
+    scored = reply.choices[0].model_extra["prompt_logprobs"]
+    assert reply.choices[0].text == "red " and scored[0] is None and len(scored) == 3
+    for word, position in zip(["green ", "blue"], scored[1:]):
+        token = next(iter(position.values()))  # the prompt's own token comes first, with its rank
+        assert token == {"logprob": 0.0, "rank": 1, "decoded_token": word}
+    chat = ask(client, "red green", n=2, extra_body={"prompt_logprobs": 0})
+    scored = chat.model_extra["prompt_logprobs"]  # once beside the choices, which share the prompt
+    assert len(scored) == chat.usage.prompt_tokens == 2 and scored[0] is None
+    assert [t["decoded_token"] for t in scored[1].values()] == ["green"]
+    assert "prompt_logprobs" not in ask(client).model_extra  # only when asked
+
+
+def test_bad_scoring_requests_get_a_400_naming_the_parameter(client):
+    cases = [
+        ("max_tokens", lambda: complete(client, "x", max_tokens=0)),  # nothing to generate, nothing echoed
+        ("max_tokens", lambda: ask(client, max_tokens=0)),
+        ("max_tokens", lambda: complete(client, "x", max_tokens=-1, echo=True)),
+        ("prompt_logprobs", lambda: complete(client, "x", extra_body={"prompt_logprobs": 21})),
+        ("prompt_logprobs", lambda: ask(client, extra_body={"prompt_logprobs": -1})),
+        ("prompt_logprobs", lambda: complete(client, "x", stream=True, extra_body={"prompt_logprobs": 1})),
+    ]
+    for param, call in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.param == param and param in info.value.message
 
 
 def test_streamed_completion(client):
@@ -225,6 +275,69 @@ def test_streamed_completion(client):
         assert len([c for c in with_choices if c.index == index and c.finish_reason]) == 1
     assert chunks[-1].usage.completion_tokens == 4 + 4 + 3 + 3
     assert_usage_adds_up(chunks[-1].usage)
+
+
+# -- embeddings -------------------------------------------------------------------------------
+
+def embed(client, inputs, **options):
+    return client.embeddings.create(model="fake", input=inputs, **options)
+
+
+def test_embeddings_of_every_input_shape(client):
+    import math
+
+    complete(client, "red green blue")  # the fake numbers words as it meets them: ids 1 to 3 exist now
+    for inputs, count in (("red green", 1), (["red green", "blue", "red"], 3), ([1, 2], 1), ([[1], [2, 3]], 2)):
+        reply = embed(client, inputs, encoding_format="float")
+        assert [d.index for d in reply.data] == list(range(count)) and reply.object == "list"
+        assert all(len(d.embedding) == 8 and math.isclose(math.hypot(*d.embedding), 1.0, abs_tol=1e-6)
+                   for d in reply.data)  # the fake's size; unit length
+        assert reply.usage.prompt_tokens == reply.usage.total_tokens > 0 and reply.model == "fake"
+    reply = embed(client, ["red green ", "green red ", "blue"], encoding_format="float")
+    assert reply.data[0].embedding == reply.data[1].embedding != reply.data[2].embedding  # the fake counts words
+    assert reply.usage.prompt_tokens == 5
+
+
+def test_base64_embeddings_are_the_float_ones_as_little_endian_float32(client):
+    import base64
+    import struct
+
+    texts = ["one two", "three four five", "six"]
+    floats = embed(client, texts, encoding_format="float").data
+    raw = client.embeddings.with_raw_response.create(model="fake", input=texts, encoding_format="base64").parse()
+    for plain, encoded in zip(floats, raw.data):
+        assert isinstance(encoded.embedding, str)
+        assert list(struct.unpack("<8f", base64.b64decode(encoded.embedding))) == plain.embedding
+    # The client asks for base64 unless told otherwise, and decodes it itself.
+    assert [d.embedding for d in embed(client, texts).data] == [d.embedding for d in floats]
+
+
+def test_embedding_dimensions_cut_and_renormalise(client):
+    import math
+
+    full = embed(client, "a b c d e f g h", encoding_format="float").data[0].embedding
+    cut = embed(client, "a b c d e f g h", dimensions=3, encoding_format="float").data[0].embedding
+    norm = math.hypot(*full[:3])
+    assert len(cut) == 3 and cut == pytest.approx([x / norm for x in full[:3]], abs=1e-6)
+
+
+def test_bad_embedding_requests_get_a_400_naming_the_parameter(client):
+    cases = [
+        ("dimensions", {"input": "x", "dimensions": 9}),  # more than the model has: the worker says so
+        ("dimensions", {"input": "x", "dimensions": 0}),
+        ("input", {"input": ""}),
+        ("input", {"input": []}),
+        ("input", {"input": ["x"] * 257}),
+        ("input", {"input": [[999999]]}),  # outside the vocabulary
+        ("input", {"input": " ".join(["w"] * 4097)}),  # past the context window
+        ("encoding_format", {"input": "x", "encoding_format": "int8"}),
+    ]
+    for param, body in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.embeddings.create(model="fake", **body)
+        assert (info.value.param or "").split(".")[0] == param, (param, info.value.message)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
 
 
 # -- keys -------------------------------------------------------------------------------------

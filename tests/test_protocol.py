@@ -10,18 +10,27 @@ from zmqchat import protocol as p
 
 LOGPROB = p.TokenLogprob("Paris", b"Paris", -0.01, [p.Alternative("Paris", b"Paris", -0.01),
                                                      p.Alternative("bytes:\\xe5", b"\xe5", -5.0)], 12)
+PROMPT = [p.PromptToken(791, "The", b"The", 0),
+          p.PromptToken(6, " cat", b" cat", 3, -7.25, 40, [p.Alternative(" first", b" first", -2.5, 1176)])]
 EXAMPLES = [
     p.Ready(worker_id="w1", models=["m"], slots=4, host="h", device="cpu", pid=1),
+    p.Ready(worker_id="w2", models=["m"], slots=4, tasks=["embed"]),
     p.Heartbeat(),
     p.Heartbeat(broker_id="b1"),
     p.Submit(id="r1", model="m", timeout=30.0, messages=[p.ChatMessage("user", "hi")],
              params=p.SamplingParams(max_tokens=5, temperature=0.0, stop=("\n",), seed=-(2**63), logprobs=2)),
     p.Submit(id="r2", model="m", timeout=1.0, prompt=[1, 2, 3], params=p.SamplingParams(echo=True)),
     p.Submit(id="r3", model="m", timeout=1.0, prompt="Tea is"),
+    p.Submit(id="r4", model="m", timeout=1.0, prompt="Tea is",
+             params=p.SamplingParams(max_tokens=0, echo=True, logprobs=1, prompt_logprobs=3)),
+    p.Submit(id="r5", model="m", timeout=1.0, embed=p.Embed(["Tea is", [1, 2]], dimensions=64)),
     p.Cancel(ids=["r1", "r2"]),
     p.Step([p.Output("r1", "Hel", 1, usage=p.Usage(7, 1)), p.Output("r2", "巴黎 🇫🇷", 2, [LOGPROB]),
-            p.Output("r3", "", finish="stop", usage=p.Usage(12, 3))]),
+            p.Output("r3", "", finish="stop", usage=p.Usage(12, 3)),
+            p.Output("r4", "The cat", 0, [], "length", p.Usage(2, 0), PROMPT),
+            p.Output("r5", finish="stop", usage=p.Usage(3, 0), embeddings=[b"\x00\x00\x80?", b"\x00\x00\x80\xbf"])]),
     p.Error("r1", p.ErrorCode.MODEL_NOT_FOUND, "no such model"),
+    p.Error("r5", p.ErrorCode.INVALID_REQUEST, "too many dimensions", "dimensions"),
     p.Disconnect("shutdown"),
     p.Disconnect("drain", drain=True),
     p.Status(token="t"),
@@ -77,7 +86,7 @@ def test_an_unknown_field_is_refused():
         p.decode(frames_of(p.Cancel, {"ids": [], "colour": "red"}))
 
 
-SUBMIT = as_builtins(EXAMPLES[3])
+SUBMIT = as_builtins(next(m for m in EXAMPLES if isinstance(m, p.Submit)))
 
 
 @pytest.mark.parametrize("change,where", [
@@ -87,12 +96,21 @@ SUBMIT = as_builtins(EXAMPLES[3])
     ({"id": ""}, "id"),
     ({"model": "m" * (p.MAX_NAME + 1)}, "model"),
     ({"messages": []}, "messages"),
-    ({"messages": None}, "either messages or a prompt"),
-    ({"prompt": "both"}, "either messages or a prompt"),
+    ({"messages": None}, "one of messages, a prompt or inputs"),
+    ({"prompt": "both"}, "one of messages, a prompt or inputs"),
+    ({"embed": {"inputs": ["both"]}}, "one of messages, a prompt or inputs"),
+    ({"messages": None, "embed": {"inputs": []}}, "embed.inputs"),
+    ({"messages": None, "embed": {"inputs": [""]}}, r"embed.inputs\[0\]"),
+    ({"messages": None, "embed": {"inputs": [[]]}}, r"embed.inputs\[0\]"),
+    ({"messages": None, "embed": {"inputs": ["x"] * (p.MAX_EMBED_INPUTS + 1)}}, "embed.inputs"),
+    ({"messages": None, "embed": {"inputs": ["x"], "dimensions": 0}}, "embed.dimensions"),
     ({"params": {"temperature": 2.5}}, "params.temperature"),
     ({"params": {"temperature": float("nan")}}, "params.temperature"),
     ({"params": {"top_p": 0.0}}, "params.top_p"),
-    ({"params": {"max_tokens": 0}}, "params.max_tokens"),
+    ({"params": {"max_tokens": -1}}, "params.max_tokens"),
+    ({"params": {"max_tokens": 0}}, "only allowed with echo"),
+    ({"params": {"prompt_logprobs": p.MAX_TOP_LOGPROBS + 1}}, "params.prompt_logprobs"),
+    ({"params": {"prompt_logprobs": -1}}, "params.prompt_logprobs"),
     ({"params": {"presence_penalty": -2.5}}, "params.presence_penalty"),
     ({"params": {"seed": 2**63}}, "params.seed"),
     ({"params": {"stop": ["x"] * (p.MAX_STOP_STRINGS + 1)}}, "params.stop"),
@@ -111,6 +129,8 @@ def test_a_submit_out_of_range_is_refused(change, where):
     ({"worker_id": "w", "models": ["m"], "slots": 0}, "slots"),
     ({"worker_id": "w", "models": ["m"], "slots": p.MAX_SLOTS + 1}, "slots"),
     ({"worker_id": "w", "models": ["x" * (p.MAX_NAME + 1)], "slots": 1}, "models"),
+    ({"worker_id": "w", "models": ["m"], "slots": 1, "tasks": []}, "tasks"),
+    ({"worker_id": "w", "models": ["m"], "slots": 1, "tasks": ["train"]}, "tasks"),
 ])
 def test_a_ready_beyond_the_caps_is_refused(body, where):
     with pytest.raises(p.ProtocolError, match=where):
@@ -123,6 +143,12 @@ def test_a_ready_beyond_the_caps_is_refused(body, where):
     ([["r1", "x", 1, None, "exploded", [1, 1]]], "Invalid enum value .exploded."),
     ([["r1", "x", -1]], r"outputs\[0\]\[2\]"),  # a negative token count
     ([["r1", "x", [LOGPROB]]], r"outputs\[0\]\[2\]"),  # ZMQCHAT/2's layout: logprobs where tokens are
+    ([["r1", "x", 0, None, None, None, [[1, "a", b"a"]]]], "at least length 4"),  # a prompt token without its offset
+    ([["r1", "x", 0, None, None, None, [[1, "a", b"a", 0, -1.0, -2]]]],
+     r"at `\$.outputs\[0\]\[6\]\[0\]\[5\]`"),  # a negative rank
+    ([["r1", "x", 0, None, None, None, [[-1, "a", b"a", 0]]]],
+     r"at `\$.outputs\[0\]\[6\]\[0\]\[0\]`"),  # a negative token id
+    ([["r1", "", 0, None, None, None, None, [b"abc"]]], "multiple of 4 bytes"),  # not float32 values
     ([], "length >= 1"),
 ])
 def test_a_malformed_step_is_refused(outputs, reason):
@@ -143,6 +169,7 @@ def test_an_error_carries_a_code_not_a_status():
     ([p.PROTOCOL, b"\x03", b"\xc1garbage"], "Submit"),
     ([p.PROTOCOL, b"\x03", msgspec.msgpack.encode([1, 2])], "Expected `object`"),
     ([p.PROTOCOL, b"\x03", b"\x81"], "truncated"),
+    ([p.PROTOCOL, b"\x01", b"\x81\xa9\x00\x00\x00\x00\x00\x00\x00\x00\x80"], "utf-8"),  # a key of invalid UTF-8
 ])
 def test_bad_frames_are_refused_with_a_reason(frames, reason):
     with pytest.raises(p.ProtocolError, match=reason):

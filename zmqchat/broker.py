@@ -1,7 +1,8 @@
 """The broker: one ROUTER for frontends, one ROUTER for workers, and the dispatch between them.
 
 Frontends SUBMIT jobs; the broker queues each one under its model (bounded) and hands it to
-a worker with a free slot, chosen by the dispatch policy. The broker counts every worker's
+a worker with a free slot that serves the model for the job's task (generate, or embed),
+chosen by the dispatch policy. The broker counts every worker's
 free slots itself (a slot is taken on dispatch and given back when the job's finished output
 or its ERROR comes), so it only sends work a worker can start now. Each STEP from a worker is
 split by frontend and routed to whoever submitted each job.
@@ -54,6 +55,7 @@ class Worker:
     draining: bool = False  # finishing its jobs; gets no new ones
     stuck: bool = False  # held a job past its deadline without output; no new jobs until it sends output
     max_model_len: int = 0  # its model's context window, as it announced it
+    tasks: tuple[str, ...] = p.TASKS  # what it serves its models for
 
 
 @dataclass(eq=False)
@@ -63,6 +65,7 @@ class Job:
     model: str
     frames: list[bytes]  # the SUBMIT message as received, forwarded to the worker unchanged
     expires: float
+    task: str = "generate"
     worker: Worker | None = None
     started: bool = False  # the worker has sent output for it: it can no longer be rerun
     cancelled: bool = False  # the client is gone; the worker's final message is dropped
@@ -200,7 +203,7 @@ class Broker:
         self._send_frontend(identity, p.Status(query.token, self.status()))
 
     def submit(self, frontend: bytes, submit: p.Submit) -> None:
-        job = Job(submit.id, frontend, submit.model, p.encode(submit), time.monotonic() + submit.timeout)
+        job = Job(submit.id, frontend, submit.model, p.encode(submit), time.monotonic() + submit.timeout, submit.task)
         if job.id in self.jobs:
             return self._fail(job, ErrorCode.INVALID_REQUEST, f"request id {job.id} is already in use")
         if not self.serving.get(job.model) and job.model not in self.orphaned:
@@ -209,6 +212,9 @@ class Broker:
                 return self._fail(job, ErrorCode.MODEL_NOT_FOUND,
                                   f"The model '{job.model}' does not exist. Served models: {served}")
             return self._fail(job, ErrorCode.NO_WORKER, "no worker is connected to the broker")
+        if self.serving.get(job.model) and not any(job.task in w.tasks for w in self.serving[job.model]):
+            return self._fail(job, ErrorCode.MODEL_NOT_FOUND,
+                              f"The model '{job.model}' is not served for this ({job.task}) by any worker")
         queue = self.queues[job.model]
         if len(queue) >= self.config.max_queue:
             return self._fail(job, ErrorCode.OVERLOADED,
@@ -236,7 +242,7 @@ class Broker:
         workers = [p.WorkerStatus(
             worker_id=w.worker_id, models=w.models, host=w.host, device=w.device, slots=w.slots, free=w.free,
             dispatched=w.dispatched, done=w.done, draining=w.draining,
-            last_heard=round(self.liveness - (w.expires - now), 3),
+            last_heard=round(self.liveness - (w.expires - now), 3), tasks=list(w.tasks),
         ) for w in self.workers.values()]
         models = {model: p.ModelStatus(workers=len(ws), slots=sum(w.slots for w in ws),
                                        free=sum(w.free for w in ws), queued=len(self.queues.get(model, ())),
@@ -247,14 +253,19 @@ class Broker:
     # -- dispatch -----------------------------------------------------------------------------
 
     def dispatch(self, model: str) -> None:
-        """Hand queued jobs of `model` to workers while any has a free slot."""
+        """Hand queued jobs of `model` to workers while any has a free slot, each job in order to
+        a worker that serves its task (a job no free worker serves waits, and those behind it
+        that one does go first)."""
         queue = self.queues.get(model)
         while queue:
-            candidates = [w for w in self.serving.get(model, ()) if w.free > 0 and not (w.draining or w.stuck)]
-            if not candidates:
+            free = [w for w in self.serving.get(model, ()) if w.free > 0 and not (w.draining or w.stuck)]
+            if not free:
                 return
-            _, job = queue.popitem(last=False)
-            worker = self.policy.pick(candidates)
+            job = next((j for j in queue.values() if any(j.task in w.tasks for w in free)), None)
+            if job is None:
+                return
+            del queue[job.id]
+            worker = self.policy.pick([w for w in free if job.task in w.tasks])
             worker.free -= 1
             worker.dispatched += 1
             worker.jobs.add(job.id)
@@ -303,14 +314,15 @@ class Broker:
             self.remove_worker(old, "announced itself again")
         models = list(dict.fromkeys(ready.models))  # a model named twice is served once
         worker = Worker(identity, ready.worker_id, models, ready.slots, ready.slots, ready.host, ready.device,
-                        time.monotonic() + self.liveness, max_model_len=ready.max_model_len)
+                        time.monotonic() + self.liveness, max_model_len=ready.max_model_len,
+                        tasks=tuple(dict.fromkeys(ready.tasks)))
         self.workers[identity] = worker
         for model in models:
             self.serving[model].append(worker)
             self.serving[model].sort(key=lambda w: w.worker_id)
             self.orphaned.pop(model, None)
-        log.info("worker %s joined: models %s, %d slots, %s on %s",
-                 worker.worker_id, models, worker.slots, worker.device, worker.host)
+        log.info("worker %s joined: models %s for %s, %d slots, %s on %s",
+                 worker.worker_id, models, " and ".join(worker.tasks), worker.slots, worker.device, worker.host)
         for model in models:
             self.dispatch(model)
 

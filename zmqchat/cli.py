@@ -17,7 +17,7 @@ from zmqchat import config as c
 from zmqchat.config import APIConfig, BrokerConfig, ServeConfig, WorkerConfig
 from zmqchat.curve import from_folder
 from zmqchat.policy import POLICIES
-from zmqchat.protocol import MAX_TIMEOUT
+from zmqchat.protocol import MAX_TIMEOUT, TASKS
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
@@ -162,13 +162,15 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int, no_worker_g
 @max_batch_option
 @max_tokens_option
 @drain_option
+@click.option("--task", type=click.Choice(["all", *TASKS]), default="all", show_default=True,
+              help="Serve the model for generation (chat, completions), for embeddings, or both.")
 @fake_option
 @fake_delay_option
 @curve_option
 @curve_name_option("worker")
 @log_level_option
 def worker(model_path, model_name, broker, device, dtype, quantize, max_batch, max_tokens_in_flight, drain_timeout,
-           fake, fake_delay, curve_dir, curve_name, log_level) -> None:
+           task, fake, fake_delay, curve_dir, curve_name, log_level) -> None:
     """Run a worker serving MODEL_PATH (a model folder, a hub id or a GGUF file).
 
     With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct.
@@ -178,6 +180,7 @@ def worker(model_path, model_name, broker, device, dtype, quantize, max_batch, m
     role.run(WorkerConfig(
         model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype, quantize=quantize,
         max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, fake=fake, fake_delay=fake_delay,
+        tasks=TASKS if task == "all" else (task,),
         drain_timeout=c.WORKER_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
         curve=from_folder(curve_dir, curve_name)))
 

@@ -33,10 +33,11 @@ log = logging.getLogger("zmqchat.client")
 class BrokerError(Exception):
     """A request that ended without an answer, with the code that says why."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, param: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request parameter at fault, where the worker named one
 
 
 @dataclass
@@ -137,8 +138,8 @@ class BrokerClient:
 
     def submit(self, model: str, choices: list[dict], timeout: float) -> Stream:
         """Start a request: `choices` holds, per choice, the Submit fields of its prompt
-        ("messages" or "prompt") and its "params". A request that cannot be sent whole is
-        not sent at all: the choices already sent are cancelled."""
+        ("messages" or "prompt") and its "params", or of its inputs to embed ("embed"). A request
+        that cannot be sent whole is not sent at all: the choices already sent are cancelled."""
         if not self.broker_up:
             raise BrokerError(ErrorCode.BROKER_UNAVAILABLE, f"the broker at {self.address} is not answering")
         stream = Stream(uuid.uuid4().hex, len(choices), time.monotonic() + timeout)
@@ -200,7 +201,7 @@ class BrokerClient:
             for output in message.outputs:
                 self._deliver(output.id, output.finish is not None, lambda index: Event(index, output))
         elif isinstance(message, p.Error):
-            error = BrokerError(message.code, message.message)
+            error = BrokerError(message.code, message.message, message.param)
             self._deliver(message.id, True, lambda index: Event(index, error=error))
         elif isinstance(message, p.Heartbeat):
             self._check_broker_id(message.broker_id)

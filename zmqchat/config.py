@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from zmqchat.protocol import TASKS
+
 if TYPE_CHECKING:
     from zmqchat.curve import Curve
 
@@ -83,6 +85,7 @@ class WorkerConfig:
     max_tokens_in_flight: int | None = None  # KV-cache tokens; None: half the free memory
     fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)
     fake_delay: float = FAKE_DELAY
+    tasks: tuple[str, ...] = TASKS  # what it serves its model for: generating text, embedding inputs
     drain_timeout: float = WORKER_DRAIN_TIMEOUT
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS

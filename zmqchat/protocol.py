@@ -10,18 +10,23 @@ frames into a message, or raises ProtocolError for anything else (another protoc
 version, an unknown command, a missing or mistyped field, a value out of range), which the
 receiver logs and drops. So no handler ever looks into an unchecked body.
 
-  READY       W->B     Ready: the worker's id, the models it serves, its slots, host, device, pid
+  READY       W->B     Ready: the worker's id, the models it serves and for which tasks (generate,
+                       embed), its slots, host, device, pid
   HEARTBEAT   W<->B    Heartbeat; a frontend's HEARTBEAT (F->B) is answered with the broker's id,
               F<->B    new after a restart. A frontend silent for long has its jobs cancelled.
   SUBMIT      F->B->W  Submit: one job (one choice of a request): id, model, timeout in seconds,
-                       SamplingParams, and either `messages` (a chat) or `prompt` (a completion:
-                       text or token ids)
+                       SamplingParams, and one of `messages` (a chat), `prompt` (a completion:
+                       text or token ids) or `embed` (an embeddings request: all its inputs). Its
+                       task (generate, or embed) is all the broker reads of it: it goes to a
+                       worker that serves the model for that task
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
                        the number of tokens it covers, their logprobs where the job asked, and
                        for a finished sequence its finish reason; a sequence's first and last
                        outputs carry its usage so far (so a frontend knows the prompt's size from
-                       the start). The broker frees a slot for each finished output.
+                       the start), and its first also its prompt's tokens' logprobs where asked;
+                       an embedding job's outputs carry the vectors of the inputs embedded that
+                       step, in order. The broker frees a slot for each finished output.
   ERROR       W/B->F   Error: a job that ended without an answer, with an ErrorCode (never an HTTP
                        status: which status a code gets is the API's business)
   DISCONNECT  W->B     Disconnect: with `drain`, the worker takes no new jobs and finishes those it
@@ -68,12 +73,16 @@ MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit an int64
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's; -100 bans the token
 MAX_BIASED_TOKENS = 1024  # tokens one request may bias
+MAX_EMBED_INPUTS = 256  # inputs of one embeddings request (OpenAI's 2048 would not fit a frame's vectors)
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
 Count = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Probability = Annotated[float, Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+TokenIds = Annotated[list[Annotated[int, Meta(ge=0, le=MAX_INT)]], Meta(min_length=1)]
+Task = Literal["generate", "embed"]  # what a worker does with a model: generate text, or embed inputs
+TASKS: tuple[Task, ...] = ("generate", "embed")
 
 
 class ErrorCode(str, enum.Enum):
@@ -97,10 +106,14 @@ class ProtocolError(ValueError):
 class JobError(Exception):
     """A job refused or failed, raised where it is found and sent as an Error message."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, param: str = ""):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request parameter at fault, if one is
+
+    def error(self, job_id: str) -> Error:
+        return Error(job_id, self.code, self.message, self.param)
 
 
 # -- messages -----------------------------------------------------------------------------
@@ -121,6 +134,7 @@ class Ready(Wire):
     device: Annotated[str, Meta(max_length=MAX_NAME)] = ""
     pid: Count = 0
     max_model_len: Count = 0  # the model's context window, in tokens (0: not said)
+    tasks: Annotated[list[Task], Meta(min_length=1)] = field(default_factory=lambda: list(TASKS))
 
 
 class Heartbeat(Wire):
@@ -130,7 +144,7 @@ class Heartbeat(Wire):
 class SamplingParams(Wire, frozen=True):
     """How to sample one job. None means the model's own default (then OpenAI's)."""
 
-    max_tokens: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None
+    max_tokens: Count | None = None  # 0 (with echo): only score the prompt, generate nothing
     temperature: Annotated[float, Meta(ge=0.0, le=MAX_TEMPERATURE)] | None = None
     top_p: Probability | None = None
     top_k: Count = 0  # 0: no limit
@@ -146,11 +160,25 @@ class SamplingParams(Wire, frozen=True):
     logit_bias: Annotated[dict[Annotated[int, Meta(ge=0, le=MAX_INT)],
                                Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
                           Meta(max_length=MAX_BIASED_TOKENS)] = field(default_factory=dict)
+    # The prompt's tokens' logprobs, with this many alternatives each (vLLM's prompt_logprobs)
+    prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def __post_init__(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is only allowed with echo, to score the prompt")
 
 
 class ChatMessage(Wire):
     role: Annotated[str, Meta(min_length=1, max_length=64)]
     content: str
+
+
+class Embed(Wire):
+    """An embeddings request: its inputs (texts or token ids), each embedded into one vector."""
+
+    inputs: Annotated[list[Annotated[str, Meta(min_length=1)] | TokenIds],
+                      Meta(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    dimensions: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None  # None: the model's own size
 
 
 class Submit(Wire):
@@ -159,11 +187,16 @@ class Submit(Wire):
     timeout: Annotated[float, Meta(gt=0.0, le=MAX_TIMEOUT)]  # seconds from now (clocks differ across machines)
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
-    prompt: str | Annotated[list[Annotated[int, Meta(ge=0, le=MAX_INT)]], Meta(min_length=1)] | None = None
+    prompt: str | TokenIds | None = None
+    embed: Embed | None = None
 
     def __post_init__(self):
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("a job has either messages or a prompt")
+        if [self.messages, self.prompt, self.embed].count(None) != 2:
+            raise ValueError("a job has one of messages, a prompt or inputs to embed")
+
+    @property
+    def task(self) -> Task:
+        return "generate" if self.embed is None else "embed"
 
 
 class Cancel(Wire):
@@ -174,6 +207,7 @@ class Alternative(Packed):
     token: str  # the token's text, or "bytes:\\xNN..." when it holds part of a character
     raw: bytes  # its bytes
     logprob: float
+    id: Count | None = None  # its token id, for a prompt token's alternatives (vLLM's prompt_logprobs name them so)
 
 
 class TokenLogprob(Packed):
@@ -182,6 +216,19 @@ class TokenLogprob(Packed):
     logprob: float
     top: list[Alternative]  # the likeliest tokens at this position, with their logprobs
     offset: Count  # where the token's text starts in the output (echo included)
+
+
+class PromptToken(Packed):
+    """A prompt token and how likely the model found it after the tokens before it. The
+    first has no logprob: nothing comes before it."""
+
+    id: Count
+    token: str
+    raw: bytes
+    offset: Count  # where its text starts in the prompt's text
+    logprob: float | None = None
+    rank: Count = 0  # 1 + how many tokens the model found likelier (0: no logprob)
+    top: list[Alternative] = field(default_factory=list)  # the likeliest tokens at this position
 
 
 class Usage(Packed):
@@ -204,10 +251,16 @@ class Output(Packed):
     logprobs: list[TokenLogprob] | None = None  # of the tokens that made `text`, where the job asked
     finish: FinishReason | None = None  # set on the sequence's last output
     usage: Usage | None = None  # so far: on the sequence's first output, and on its last (with `finish`)
+    # Every prompt token, in the sequence's first output, where the job asked (prompt_logprobs)
+    prompt_logprobs: list[PromptToken] | None = None
+    # An embedding job's vectors of this step's inputs, in order: little-endian float32 each
+    embeddings: list[bytes] | None = None
 
     def __post_init__(self):
         if self.finish is not None and self.usage is None:
             raise ValueError("a finished output has usage")
+        if self.embeddings and any(len(vector) % 4 for vector in self.embeddings):
+            raise ValueError("an embedding is float32 values: a multiple of 4 bytes")
 
 
 class Step(Wire):
@@ -218,6 +271,7 @@ class Error(Wire):
     id: Annotated[str, Meta(max_length=MAX_ID)]
     code: ErrorCode
     message: str
+    param: Annotated[str, Meta(max_length=64)] = ""  # the request parameter at fault, where the worker knows it
 
 
 class Disconnect(Wire):
@@ -236,6 +290,7 @@ class WorkerStatus(Wire):
     done: int
     draining: bool
     last_heard: float  # seconds since the broker last heard from it
+    tasks: list[Task] = field(default_factory=lambda: list(TASKS))
 
 
 class ModelStatus(Wire):
@@ -291,5 +346,6 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"body of {len(raw)} bytes is over the limit")
     try:
         return decoder.decode(raw)
-    except msgspec.DecodeError as exc:  # ValidationError included
+    # msgspec (0.22) raises UnicodeDecodeError, not DecodeError, for a map key of invalid UTF-8.
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError included
         raise ProtocolError(f"bad {COMMANDS[bytes(command)].__name__}: {exc}") from None

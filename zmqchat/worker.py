@@ -194,9 +194,9 @@ class Worker:
         self.jobs.put(("reset", None))
         self._send(p.Ready(worker_id=self.worker_id, models=[self.engine.model_name], slots=self.engine.slots,
                            host=socket.gethostname(), device=self.device, pid=os.getpid(),
-                           max_model_len=self.engine.max_model_len))
-        log.info("worker %s announced %s (%d slots) to %s", self.worker_id,
-                 self.engine.model_name, self.engine.slots, self.config.broker)
+                           max_model_len=self.engine.max_model_len, tasks=list(self.engine.tasks)))
+        log.info("worker %s announced %s for %s (%d slots) to %s", self.worker_id, self.engine.model_name,
+                 " and ".join(self.engine.tasks), self.engine.slots, self.config.broker)
 
     def _send(self, message: p.Message) -> None:
         self._send_frames(p.encode(message))
@@ -257,7 +257,7 @@ class Worker:
                 try:
                     item = ("add", self.engine.prepare(arg))
                 except JobError as exc:
-                    item = ("error", p.Error(arg.id, exc.code, exc.message))
+                    item = ("error", exc.error(arg.id))
                 except Exception as exc:  # a job the engine cannot take must not stop the worker
                     log.exception("request %s: could not be prepared", arg.id)
                     item = ("error", p.Error(arg.id, ErrorCode.ENGINE_ERROR,
@@ -333,7 +333,7 @@ class Worker:
                 self.engine.add(arg)
                 log.debug("request %s: accepted", arg.id)
             except JobError as exc:
-                self._refuse(p.Error(arg.id, exc.code, exc.message), send)
+                self._refuse(exc.error(arg.id), send)
         elif kind == "error":  # refused while it was prepared
             self._refuse(arg, send)
         elif kind == "cancel":
@@ -359,7 +359,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
         from zmqchat.engine import FakeRunner
 
         runner = FakeRunner(config.model_name or "fake", config.fake_delay)
-        return Engine(runner, config.max_batch or SLOTS), "fake"
+        return Engine(runner, config.max_batch or SLOTS, config.tasks), "fake"
     from zmqchat import models
     from zmqchat.engine import HFRunner
     from zmqchat.engine.model_runner import slots_from_memory
@@ -368,7 +368,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     runner = HFRunner(loaded, config.max_tokens_in_flight)
     slots = config.max_batch or slots_from_memory(runner.token_budget)
     log.info("%d slots, %d tokens of KV cache", slots, runner.token_budget)
-    return Engine(runner, slots), loaded.description
+    return Engine(runner, slots, config.tasks), loaded.description
 
 
 def run(config: WorkerConfig) -> None:

@@ -83,11 +83,11 @@ def error_response(error: HTTPError, message: str, param: str | None = None) -> 
 
 
 def broker_error_body(exc: BrokerError) -> dict:
-    return error_body(ERRORS[exc.code], exc.message)
+    return error_body(ERRORS[exc.code], exc.message, exc.param)
 
 
 def broker_error_response(exc: BrokerError) -> JSONResponse:
-    return error_response(ERRORS[exc.code], exc.message)
+    return error_response(ERRORS[exc.code], exc.message, exc.param)
 
 
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:

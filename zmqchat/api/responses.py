@@ -4,23 +4,27 @@ Events (each choice's Outputs, or the error that ends the request) come in from 
 interleaved across choices; they leave as one JSON body (`json()`) or as server-sent events in
 OpenAI's chunk format (`sse()`), and are counted in the request's metrics and usage on the way.
 Completion does both for any API; ChatCompletion and TextCompletion shape their choices, and
-the Responses API (responses_api.py) its own body and events.
+the Responses API (responses_api.py) its own body and events. Embeddings gathers an embedding
+job's vectors, as they come in its outputs, into one body.
 """
 
 from __future__ import annotations
 
+import base64
+
 import json
 import logging
+import struct
 import time
 from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse
 
 from zmqchat.api.errors import LOGGED_MESSAGE, broker_error_body, broker_error_response, clip
-from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationRequest
 from zmqchat.client import BrokerClient, BrokerError, Event, Stream
 from zmqchat.metrics import RequestMetrics
-from zmqchat.protocol import Alternative, Output, TokenLogprob, Usage
+from zmqchat.protocol import Alternative, Output, PromptToken, TokenLogprob, Usage
 
 log = logging.getLogger("zmqchat.api")
 
@@ -68,9 +72,10 @@ class Completion:
         usage = self._usage()
         reasons = {output.finish for output in self.finished.values()}
         outcome = reasons.pop() if len(reasons) == 1 else "mixed"
-        self.timing.finished(outcome, usage["prompt_tokens"], usage["completion_tokens"])
+        output_tokens = usage.get("completion_tokens", 0)
+        self.timing.finished(outcome, usage["prompt_tokens"], output_tokens)
         log.info("request %s: %s, %d prompt + %d output tokens", self.stream.id, outcome,
-                 usage["prompt_tokens"], usage["completion_tokens"])
+                 usage["prompt_tokens"], output_tokens)
 
     def failed(self, error: BrokerError) -> None:
         self.timing.failed(error.code.value)
@@ -98,12 +103,15 @@ class Completion:
     async def json(self, first: Event) -> JSONResponse | dict:
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list[TokenLogprob]] = {}
+        prompts: dict[int, list[PromptToken]] = {}  # each choice's prompt tokens, where it asked
         async for event in self.events(first):
             if event.error is not None:
                 return broker_error_response(event.error)
             texts.setdefault(event.index, []).append(event.output.text)
             logprobs.setdefault(event.index, []).extend(event.output.logprobs or [])
-        return self.body({i: "".join(texts[i]) for i in texts}, logprobs)
+            if event.output.prompt_logprobs is not None:
+                prompts[event.index] = event.output.prompt_logprobs
+        return self.body({i: "".join(texts[i]) for i in texts}, logprobs, prompts)
 
     async def sse(self, client: BrokerClient, first: Event) -> AsyncIterator[str]:
         completed = False
@@ -130,10 +138,12 @@ class Completion:
 
     # -- OpenAI's completion shapes; the Responses API has its own ------------------------------
 
-    def body(self, texts: dict[int, str], logprobs: dict[int, list[TokenLogprob]]) -> dict:
-        """The whole response, from each choice's text and logprobs."""
-        choices = [self.choice(i, texts[i], logprobs[i], self.finished[i].finish) for i in sorted(self.finished)]
-        return {**self._header(self.object), "choices": choices, "usage": self._usage()}
+    def body(self, texts: dict[int, str], logprobs: dict[int, list[TokenLogprob]],
+             prompts: dict[int, list[PromptToken]]) -> dict:
+        """The whole response, from each choice's text, logprobs and prompt logprobs."""
+        choices = [self.choice(i, texts[i], logprobs[i], self.finished[i].finish, prompts.get(i))
+                   for i in sorted(self.finished)]
+        return {**self._header(self.object), "choices": choices, "usage": self._usage(), **self.extras(prompts)}
 
     def closing_chunks(self) -> list[str]:
         """What a stream sends after the last output: the usage where asked, and its end."""
@@ -148,14 +158,15 @@ class Completion:
     def output_chunks(self, index: int, output: Output) -> list[str]:
         """An Output's chunks: its new text, and its finish reason if it is the choice's last:
         in the text's own chunk where the API does so, else in one of its own."""
-        has_text = bool(output.text or output.logprobs)
+        has_text = bool(output.text or output.logprobs or output.prompt_logprobs)
+        prompt = output.prompt_logprobs
         if has_text and output.finish is not None and self.finish_with_last_text:
-            return [self._chunk(self.chunk_choice(index, output.text, output.logprobs, output.finish))]
+            return [self._chunk(self.chunk_choice(index, output.text, output.logprobs, output.finish, prompt))]
         chunks = []
         if has_text:
-            chunks.append(self._chunk(self.chunk_choice(index, output.text, output.logprobs, None)))
+            chunks.append(self._chunk(self.chunk_choice(index, output.text, output.logprobs, None, prompt)))
         if output.finish is not None:
-            chunks.append(self._chunk(self.chunk_choice(index, None, None, output.finish)))
+            chunks.append(self._chunk(self.chunk_choice(index, None, None, output.finish, None)))
         return chunks
 
     def _header(self, object_name: str) -> dict:
@@ -172,12 +183,17 @@ class Completion:
         """What a stream sends before any output."""
         return []
 
-    def choice(self, index: int, text: str, logprobs: list[TokenLogprob], finish_reason: str) -> dict:
+    def choice(self, index: int, text: str, logprobs: list[TokenLogprob], finish_reason: str,
+               prompt: list[PromptToken] | None) -> dict:
         raise NotImplementedError
 
     def chunk_choice(self, index: int, text: str | None, logprobs: list[TokenLogprob] | None,
-                     finish_reason: str | None) -> dict:
+                     finish_reason: str | None, prompt: list[PromptToken] | None) -> dict:
         raise NotImplementedError
+
+    def extras(self, prompts: dict[int, list[PromptToken]]) -> dict:
+        """Fields of a whole response beside its choices."""
+        return {}
 
 
 class ChatCompletion(Completion):
@@ -191,13 +207,18 @@ class ChatCompletion(Completion):
         return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}) for i in range(self.request.n)]
 
-    def choice(self, index, text, logprobs, finish_reason) -> dict:
+    def choice(self, index, text, logprobs, finish_reason, prompt) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": text},
                 "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
 
-    def chunk_choice(self, index, text, logprobs, finish_reason) -> dict:
+    def chunk_choice(self, index, text, logprobs, finish_reason, prompt) -> dict:
         delta = {} if text is None else {"content": text}
         return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+
+    def extras(self, prompts) -> dict:
+        """vLLM gives a chat's prompt logprobs once, beside its choices (they share the prompt)."""
+        k = self.request.prompt_logprobs
+        return {} if k is None else {"prompt_logprobs": _vllm_prompt_logprobs(prompts.get(0, []), k)}
 
     def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
         if not self.request.logprobs or entries is None:
@@ -212,19 +233,71 @@ class TextCompletion(Completion):
     finish_with_last_text = True  # as OpenAI's legacy endpoint streams it
     request: CompletionRequest
 
-    def choice(self, index, text, logprobs, finish_reason) -> dict:
-        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+    def choice(self, index, text, logprobs, finish_reason, prompt) -> dict:
+        choice = {"index": index, "text": text, "logprobs": self._logprobs(prompt, logprobs),
+                  "finish_reason": finish_reason}
+        if self.request.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = _vllm_prompt_logprobs(prompt or [], self.request.prompt_logprobs)
+        return choice
 
-    def chunk_choice(self, index, text, logprobs, finish_reason) -> dict:
-        return self.choice(index, text or "", logprobs, finish_reason)
+    def chunk_choice(self, index, text, logprobs, finish_reason, prompt) -> dict:
+        return self.choice(index, text or "", logprobs, finish_reason, prompt)
 
-    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
-        """The legacy shape: parallel lists, top alternatives as {token: logprob}."""
-        if self.request.logprobs is None or entries is None:
+    def _logprobs(self, prompt: list[PromptToken] | None, entries: list[TokenLogprob] | None) -> dict | None:
+        """The legacy shape: parallel lists, top alternatives as {token: logprob}; an echoed
+        prompt's tokens first, the first of them with null for its logprob and alternatives."""
+        k = self.request.logprobs
+        if k is None or entries is None:
             return None
-        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{top.token: top.logprob for top in e.top} for e in entries],
-                "text_offset": [e.offset for e in entries]}
+        echoed = prompt if self.request.echo and prompt else []
+        return {"tokens": [t.token for t in echoed] + [e.token for e in entries],
+                "token_logprobs": [t.logprob for t in echoed] + [e.logprob for e in entries],
+                "top_logprobs": [None if t.logprob is None else _top(t.top[:k]) for t in echoed]
+                                + [_top(e.top) for e in entries],
+                "text_offset": [t.offset for t in echoed] + [e.offset for e in entries]}
+
+
+class Embeddings(Completion):
+    """An embedding job's vectors, which arrive a step's worth at a time, in one body."""
+
+    object = "list"
+    id_prefix = "embd-"
+    request: EmbeddingRequest
+
+    async def json(self, first: Event) -> JSONResponse | dict:
+        vectors: list[bytes] = []
+        async for event in self.events(first):
+            if event.error is not None:
+                return broker_error_response(event.error)
+            vectors += event.output.embeddings or []
+        data = [{"object": "embedding", "index": i, "embedding": self._encoded(v)} for i, v in enumerate(vectors)]
+        return {"object": self.object, "data": data, "model": self.request.model, "usage": self._usage()}
+
+    def _encoded(self, vector: bytes) -> list[float] | str:
+        """The wire's little-endian float32 bytes are what OpenAI's base64 holds."""
+        if self.request.encoding_format == "base64":
+            return base64.b64encode(vector).decode()
+        return list(struct.unpack(f"<{len(vector) // 4}f", vector))
+
+    def _usage(self) -> dict:
+        tokens = sum(output.usage.prompt_tokens for output in self.finished.values())
+        return {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def _top(alternatives: list[Alternative]) -> dict:
+    return {top.token: top.logprob for top in alternatives}
+
+
+def _vllm_prompt_logprobs(prompt: list[PromptToken], k: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: null for the first token, then per token {token id: {logprob,
+    rank, decoded_token}} for it and its k likeliest alternatives (ranked 1 to k)."""
+    def ranked(token: PromptToken) -> dict:
+        entries = {str(token.id): {"logprob": token.logprob, "rank": token.rank, "decoded_token": token.token}}
+        for rank, top in enumerate(token.top[:k], 1):
+            entries.setdefault(str(top.id), {"logprob": top.logprob, "rank": rank, "decoded_token": top.token})
+        return entries
+
+    return [None if token.logprob is None else ranked(token) for token in prompt]
 
 
 def _token_logprob(entry: TokenLogprob | Alternative) -> dict:

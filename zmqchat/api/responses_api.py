@@ -144,7 +144,7 @@ class ResponsesCompletion(Completion):
 
     # -- a whole response ----------------------------------------------------------------------
 
-    def body(self, texts: dict[int, str], logprobs: dict[int, list[TokenLogprob]]) -> dict:
+    def body(self, texts: dict[int, str], logprobs: dict[int, list[TokenLogprob]], prompts) -> dict:
         return self._finish(texts[0])
 
     def _finish(self, text: str) -> dict:

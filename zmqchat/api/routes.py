@@ -1,7 +1,8 @@
 """The app: create_app() and its routes, OpenAI's HTTP API in front of the broker.
 
 A request passes the Gate, is validated into a schema, and goes to the broker as one SUBMIT
-per choice over the process's single BrokerClient (app.state.client). The first event decides
+per choice (an embeddings request: one for all its inputs) over the process's single
+BrokerClient (app.state.client). The first event decides
 the HTTP status; the rest leave through a Completion as JSON or SSE. A client that goes away
 before its reply has its jobs cancelled. Around the API: the chat page, /health, /metrics and
 /v1/cluster (the broker's STATUS).
@@ -25,9 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from zmqchat.api.errors import (ERRORS, RESPONSE_NOT_FOUND, add_error_handlers, broker_error_response, clip,
                                 error_response)
 from zmqchat.api.gate import Gate
-from zmqchat.api.responses import ChatCompletion, Completion, TextCompletion
+from zmqchat.api.responses import ChatCompletion, Completion, Embeddings, TextCompletion
 from zmqchat.api.responses_api import ResponsesCompletion, ResponsesRequest, ResponseStore
-from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, GenerationRequest
 from zmqchat.client import BrokerClient, BrokerError, Stream
 from zmqchat.config import APIConfig
 from zmqchat.curve import describe
@@ -160,8 +161,13 @@ def response_not_found(response_id: str, param: str | None = None) -> Response:
                           "recently used only)", param)
 
 
-async def generate(request: Request, body: GenerationRequest,
-                   answer: Callable[[Stream, GenerationRequest, RequestMetrics], Completion]):
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, body: EmbeddingRequest):
+    return await generate(request, body, Embeddings)
+
+
+async def generate(request: Request, body: GenerationRequest | EmbeddingRequest,
+                   answer: Callable[[Stream, GenerationRequest | EmbeddingRequest, RequestMetrics], Completion]):
     """Run `body`'s choices; `answer` (a Completion class) shapes their events as its API does."""
     client, state = broker(request), request.app.state
     timing = RequestMetrics(state.metrics, body.model)

@@ -10,14 +10,16 @@ The ranges are the wire's own (protocol.py); MAX_N and MAX_CHOICES are the API's
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from zmqchat import protocol as p
 from zmqchat.config import COMPLETION_MAX_TOKENS
-from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS,
-                              MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
+from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_EMBED_INPUTS, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY,
+                              MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
 
 MAX_N = 16  # choices of one prompt
 MAX_CHOICES = 128  # choices of one request: prompts x n
@@ -32,6 +34,13 @@ def _utf8(text: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("holds a lone UTF-16 surrogate (\\ud800 to \\udfff), which is not text") from None
     return text
+
+
+def refuse(model: type[BaseModel], param: str, value, message: str) -> ValidationError:
+    """A validation error that names `param`, for a rule that looks at more than one parameter
+    (checked once all are read, so that the error can name the one at fault)."""
+    error = InitErrorDetails(type=PydanticCustomError("value_error", message), loc=(param,), input=value)
+    return ValidationError.from_exception_data(model.__name__, [error])
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
@@ -106,6 +115,15 @@ class GenerationRequest(Strict):
     # token id (a JSON key, so a string) -> added to its logit; -100 bans it
     logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
                           Field(max_length=MAX_BIASED_TOKENS)] | None = None
+    # vLLM's extension: each prompt token's logprob, with this many alternatives
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_are_not_streamed(self):
+        if self.prompt_logprobs is not None and self.stream:
+            raise refuse(type(self), "prompt_logprobs", self.prompt_logprobs,
+                         "not available with stream: true (as in vLLM)")
+        return self
 
     @field_validator("stream_options")
     @classmethod
@@ -157,15 +175,25 @@ class ChatCompletionRequest(GenerationRequest):
         # Left out, max_tokens is the worker's to choose: what the model's context leaves, within a bound.
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return [{"messages": messages, "params": self.sampling(i, max_tokens=max_tokens, logprobs=logprobs)}
+        # The choices share their prompt: the first alone scores it.
+        return [{"messages": messages, "params": self.sampling(i, max_tokens=max_tokens, logprobs=logprobs,
+                                                               prompt_logprobs=None if i else self.prompt_logprobs)}
                 for i in range(self.n)]
 
 
 class CompletionRequest(GenerationRequest):
     prompt: (Text | Annotated[list[Text], Field(min_length=1)]
              | TokenIds | Annotated[list[TokenIds], Field(min_length=1)])
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)  # 0, with echo: score the prompt only
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _max_tokens_0_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise refuse(type(self), "max_tokens", 0, "0 generates nothing: it is only allowed with echo "
+                                                      "(to score the prompt, with logprobs)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -181,6 +209,29 @@ class CompletionRequest(GenerationRequest):
 
     def choices(self) -> list[dict]:
         """n choices per prompt, prompt by prompt, as OpenAI numbers them."""
-        own = {"max_tokens": self.max_tokens or COMPLETION_MAX_TOKENS, "echo": self.echo, "logprobs": self.logprobs}
+        max_tokens = COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        # Echoed with logprobs, the prompt's tokens come with theirs, as OpenAI's legacy endpoint did.
+        echoed = self.logprobs if self.echo else None
+        wanted = [k for k in (echoed, self.prompt_logprobs) if k is not None]
+        own = {"max_tokens": max_tokens, "echo": self.echo, "logprobs": self.logprobs,
+               "prompt_logprobs": max(wanted, default=None)}
         return [{"prompt": prompt, "params": self.sampling(i, **own)}
                 for prompt in self.each_prompt(self.prompt) for i in range(self.n)]
+
+
+class EmbeddingRequest(Strict):
+    """OpenAI's embeddings request: one job, all its inputs."""
+
+    model: Text = Field(min_length=1, max_length=MAX_NAME)
+    input: (Annotated[Text, Field(min_length=1)]
+            | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1, le=MAX_INT)  # the vectors cut to this many values
+    user: str | None = None
+    stream: ClassVar[bool] = False  # an embedding is not streamed
+
+    def choices(self) -> list[dict]:
+        inputs = CompletionRequest.each_prompt(self.input)  # a string or token ids is one input, as a prompt is
+        return [{"embed": p.Embed(inputs, self.dimensions)}]
+

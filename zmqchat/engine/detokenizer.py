@@ -6,15 +6,17 @@ token ends the sequence: an end-of-sequence token, a stop string (neither before
 min_tokens), or max_tokens. Text stays
 correct across multi-byte characters split over tokens, and a stop string is never sent,
 even split over tokens: a tail that may be its start is held back until it is not. Each
-token's logprob entry leaves (`take_logprobs()`) with the text it made. Pure Python over a
-tokenizer with decode(ids) -> str (without special tokens) and token_bytes(id) -> bytes.
+token's logprob entry leaves (`take_logprobs()`) with the text it made. A prompt's tokens'
+logprobs, where the job asked, leave with the sequence's first output (`take_prompt_logprobs()`),
+each named and placed in the prompt's text. Pure Python over a tokenizer with
+decode(ids) -> str (without special tokens) and token_bytes(id) -> bytes.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from zmqchat.protocol import Alternative, TokenLogprob
+from zmqchat.protocol import Alternative, PromptToken, TokenLogprob
 
 if TYPE_CHECKING:
     from zmqchat.engine.sequence import Sequence
@@ -26,6 +28,9 @@ LOGPROB_FLOOR = -9999.0  # stands for log(0), which JSON cannot carry; OpenAI se
 
 # A token's logprobs as a runner gives them: its own, and its likeliest alternatives'.
 TokenLogprobs = tuple[float, list[tuple[int, float]]]
+# Each prompt token's after the first, as a runner gives them: its logprob, its rank (1 + the
+# tokens likelier than it) and the likeliest alternatives'.
+PromptLogprobs = list[tuple[float, int, list[tuple[int, float]]]]
 
 
 class Tokenizer(Protocol):
@@ -75,16 +80,49 @@ class Detokenizer:
         taken, seq.logprobs = [entry for *_, entry in seq.logprobs[:sent]], seq.logprobs[sent:]
         return taken
 
+    def take_prompt_logprobs(self, seq: Sequence) -> list[PromptToken] | None:
+        """Every prompt token, named, with its logprob (none for the first) and where its text
+        starts in the prompt's; None where the job did not ask, or once they are taken."""
+        if seq.prompt_logprobs is None:
+            return None
+        found, seq.prompt_logprobs = seq.prompt_logprobs, None
+        ids = seq.prompt_ids
+        tokens = [PromptToken(ids[0], *self._name(ids[0]), 0)]
+        for token, offset, (logprob, rank, top) in zip(ids[1:], self._offsets(ids)[1:], found):
+            alternatives = [Alternative(*self._name(t), _floored(lp), t) for t, lp in top]
+            tokens.append(PromptToken(token, *self._name(token), offset, _floored(logprob), rank, alternatives))
+        return tokens
+
     def _new_text(self, seq: Sequence) -> str:
         """Text of the last token. Decoding a small window, not the whole output, keeps this
-        O(1) per token; a window ending in U+FFFD is an incomplete UTF-8 character, so its
-        text waits for the next token."""
-        before = self.tokenizer.decode(_window(seq, seq.prefix_offset, seq.read_offset))
-        after = self.tokenizer.decode(_window(seq, seq.prefix_offset))
+        O(1) per token."""
+        added = self._text_added(_window(seq, seq.prefix_offset), seq.read_offset - seq.prefix_offset)
+        if added is None:
+            return ""
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.output_ids)
+        return added
+
+    def _text_added(self, window: list[int], read: int) -> str | None:
+        """The text that the tokens of `window` from `read` on add to those before them, or
+        None while it is not text yet: a window ending in U+FFFD is an incomplete UTF-8
+        character, which waits for the next token."""
+        before = self.tokenizer.decode(window[:read])
+        after = self.tokenizer.decode(window)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.output_ids)
             return after[len(before):]
-        return ""
+        return None
+
+    def _offsets(self, token_ids: list[int]) -> list[int]:
+        """Where each token's text starts in the text of them all, decoded a small window at
+        a time as the output is, so that a long prompt costs time in proportion to its length."""
+        offsets, length, prefix, read = [], 0, 0, 0
+        for end in range(1, len(token_ids) + 1):
+            offsets.append(length)
+            added = self._text_added(token_ids[prefix:end], read - prefix)
+            if added is not None:
+                length += len(added)
+                prefix, read = read, end
+        return offsets
 
     def _entry(self, token: int, logprob: float, top: list[tuple[int, float]], offset: int) -> TokenLogprob:
         alternatives = [Alternative(*self._name(t), _floored(lp)) for t, lp in top]

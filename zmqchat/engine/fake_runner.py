@@ -3,13 +3,16 @@
 It answers with the words of the last user message (of the prompt, for a completion), one
 word per step and then end-of-sequence, taking `delay` seconds a step whatever the batch size
 (like a batched forward pass). Its tokens are words with their trailing space; each new word
-it reads gets the next id. Its logprobs are certain: 0 for the word it says, the floor for
-the alternatives it lists after it. It keeps each batch row's answer as a model keeps a KV
+it reads gets the next id. Its logprobs are certain: 0 for the word it says (and for each
+word of a prompt that asks for its logprobs, rank 1), the floor for the alternatives it lists
+after it. Its embedding of an input counts its words, each word one of EMBEDDING_SIZE
+values chosen by its id, scaled to unit length. It keeps each batch row's answer as a model keeps a KV
 cache row, following the scheduler's Batch.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -19,6 +22,7 @@ from zmqchat.engine.sequence import Sequence
 from zmqchat.protocol import MAX_SLOTS, ChatMessage, ErrorCode, JobError
 
 EOS = 0
+EMBEDDING_SIZE = 8
 
 
 class FakeRunner:
@@ -30,6 +34,7 @@ class FakeRunner:
         self.sampling_defaults: dict = {}  # it samples nothing
         self.max_token_chars = None  # a word is a token, however long
         self.token_budget = MAX_SLOTS * context_window  # no cache to fill: never the limit
+        self.embedding_size = EMBEDDING_SIZE
         self.words = ["</s>"]  # token id -> word
         self.ids: dict[str, int] = {}
         self.answers: list[list[int]] = []  # per batch row, the tokens it says
@@ -70,6 +75,10 @@ class FakeRunner:
 
     def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
         self.answers = [self.answers[i] for i in batch.kept] + [self._answer(s) for s in batch.new]
+        for seq in batch.new:
+            if seq.wants_prompt_logprobs:
+                seq.prompt_logprobs = [(logprob, 1, top) for logprob, top in
+                                       (self._logprobs(t, seq.params.prompt_logprobs) for t in seq.prompt_ids[1:])]
         if not batch.sequences:
             return [], []
         if self.delay:
@@ -77,6 +86,13 @@ class FakeRunner:
         tokens = [answer[len(s.output_ids)] if len(s.output_ids) < len(answer) else EOS
                   for s, answer in zip(batch.sequences, self.answers)]
         return tokens, [self._logprobs(t, s.params.logprobs) for s, t in zip(batch.sequences, tokens)]
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        if self.delay:
+            time.sleep(self.delay)
+        counts = [[sum(1 for t in tokens if t % EMBEDDING_SIZE == i) for i in range(EMBEDDING_SIZE)]
+                  for tokens in inputs]
+        return [[c / math.sqrt(sum(x * x for x in row)) for c in row] for row in counts]
 
     def _answer(self, seq: Sequence) -> list[int]:
         """The words of the last user message (of the last message, if none is a user's)."""

@@ -11,12 +11,22 @@ more; it decodes the kept rows in one forward pass, prefills the new sequences t
 a second one, and appends their rows (both sides padded on the left to the same length).
 Explicit position ids keep every row's positions its own, so a row computes what it would
 compute alone. The KV of the chat template's shared preamble is computed once and reused.
+
+A sequence that asks for its prompt's logprobs needs the logits of every prompt position, the
+preamble's included: it is prefilled apart from the others (which keep computing the logits of
+their last position only), without the cached preamble, a chunk of positions at a time so that
+a long prompt's logits are never all in memory at once.
+
+`embed()` runs inputs through the model without generating (no KV cache is kept): an input's
+embedding is its last hidden states (the base model's output, after its final norm: what the LM
+head reads) averaged over its own tokens, scaled to unit length.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import os
 import re
 from functools import cached_property
@@ -27,7 +37,7 @@ from transformers import DynamicCache
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from zmqchat.config import MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
-from zmqchat.engine.sampler import sample, seeded_generator
+from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
 from zmqchat.models import LoadedModel, cache_argument
@@ -35,6 +45,9 @@ from zmqchat.protocol import ChatMessage, ErrorCode, JobError
 
 # End-of-turn markers of common chat templates; any that is a single token ends a sequence.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# Rows of logits (positions x sequences) one forward pass of a prompt-scoring prefill computes at
+# most: each is a vocabulary of floats (49,152 for the default model, 200 KB), so 1024 take 200 MB.
+PROMPT_LOGIT_ROWS = 1024
 
 
 class HFRunner:
@@ -49,6 +62,7 @@ class HFRunner:
         self.context_window = int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
         self.token_budget = max_tokens_in_flight or default_token_budget(self.model, self.device)
         self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+        self.embedding_size = config.hidden_size
         self.stop_token_ids = self._stop_token_ids()
         generation = self.model.generation_config
         # The model's own temperature and top_p, where its authors chose how it should sample.
@@ -126,17 +140,31 @@ class HFRunner:
         with torch.inference_mode():
             self._keep_rows(batch.kept)
             logits = [self._decode(batch.decoding)] if batch.kept else []
-            if batch.new:
-                logits.append(self._prefill(batch.new))
+            # Consecutive new sequences are prefilled together, those scoring their prompt apart:
+            # their rows still follow the batch's order.
+            for scoring, new in itertools.groupby(batch.new, key=lambda s: s.wants_prompt_logprobs):
+                logits.append(self._prefill(list(new), scoring))
             if not logits:
                 return [], []
             return sample(torch.cat(logits), batch.sequences, self.generators, self.stop_token_ids)
 
-    def _forward(self, input_ids, mask, positions, cache):
-        """Logits of each row's last position."""
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Each input's mean-pooled, normalised last hidden state. Inputs are padded on the
+        right, so that their own tokens keep their positions and attend only to each other."""
+        width = max(map(len, inputs))
+        ids = torch.tensor([tokens + [self.pad_id] * (width - len(tokens)) for tokens in inputs], device=self.device)
+        mask = torch.tensor([[1] * len(tokens) + [0] * (width - len(tokens)) for tokens in inputs], device=self.device)
+        with torch.inference_mode():
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            pooled = (hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            return F.normalize(pooled, dim=-1).tolist()
+
+    def _forward(self, input_ids, mask, positions, cache, every_position: bool = False):
+        """Logits of each row's last position; with `every_position`, of all its positions."""
+        keep = {} if every_position else self.last_logit_only  # the model's default keeps every position
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_arg: cache}, **self.last_logit_only)
-        return out.logits[:, -1]
+                         **{self.cache_arg: cache}, **keep)
+        return out.logits if every_position else out.logits[:, -1]
 
     def _decode(self, seqs: list[Sequence]):
         last = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
@@ -144,11 +172,12 @@ class HFRunner:
         positions = self.mask.sum(-1, keepdim=True) - 1
         return self._forward(last, self.mask, positions, self.cache)
 
-    def _prefill(self, new: list[Sequence]):
+    def _prefill(self, new: list[Sequence], scoring: bool = False):
         """Prefill the new sequences together and append their rows. Each row of their cache
         is [preamble][padding][rest of the prompt]; rows whose prompt does not start with the
-        preamble mask it out."""
-        n = len(self.preamble)
+        preamble mask it out. `scoring` sequences reuse no preamble, and have their prompt
+        logprobs noted."""
+        n = 0 if scoring else len(self.preamble)
         reused = [n > 0 and len(s.prompt_ids) > n and s.prompt_ids[:n] == self.preamble for s in new]
         if not any(reused):
             n = 0
@@ -162,12 +191,37 @@ class HFRunner:
         if n:
             for layer, (keys, values) in enumerate(self._preamble_kv()):
                 cache.update(keys.expand(len(new), -1, -1, -1), values.expand(len(new), -1, -1, -1), layer)
-        logits = self._forward(ids, mask, positions, cache)
+        if scoring:
+            logits = self._score(new, ids, mask, positions, cache)
+        else:
+            logits = self._forward(ids, mask, positions, cache)
         for seq, reused_preamble in zip(new, reused):
             seq.cached_tokens = n if reused_preamble else 0
         self._append_rows(cache, mask)
         self.generators += [seeded_generator(s.params.seed, self.device) for s in new]
         return logits
+
+    def _score(self, seqs: list[Sequence], ids, mask, positions, cache):
+        """Prefill `seqs` (rows of `ids`, left-padded) a chunk of positions at a time, noting
+        on each sequence the logprob of each of its prompt tokens after the first under the
+        logits of the position before it; the logits of each row's last position."""
+        width = ids.shape[1]
+        chunk = max(1, PROMPT_LOGIT_ROWS // len(seqs))
+        top = max(s.params.prompt_logprobs for s in seqs)
+        found: list[list] = [[] for _ in seqs]
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            logits = self._forward(ids[:, start:end], mask[:, :end], positions[:, start:end], cache, every_position=True)
+            # Position i predicts token i + 1: the last position predicts no prompt token.
+            scored = min(end, width - 1) - start
+            if scored > 0:
+                targets = ids[:, start + 1:start + 1 + scored]
+                for row, chunk_row in zip(found, prompt_logprobs(logits[:, :scored], targets, top)):
+                    row += chunk_row
+        for seq, row in zip(seqs, found):  # a row's first width - prompt positions are padding
+            seq.prompt_logprobs = [(logprob, rank, alternatives[:seq.params.prompt_logprobs])
+                                   for logprob, rank, alternatives in row[width - len(seq.prompt_ids):]]
+        return logits[:, -1]
 
     def _preamble_kv(self) -> list:
         if self.preamble_kv is None:

@@ -5,6 +5,7 @@ the sequences; out come token ids and, for the sequences that asked, logprobs. P
 first (OpenAI's presence and frequency penalties and logit_bias, and, below a sequence's
 min_tokens, a ban on its stop tokens), then greedy decoding at temperature 0, otherwise sampling from the tempered
 distribution cut to top_k and top_p, with a sequence's own generator where it asked for a seed.
+`prompt_logprobs` gives, where a job asked, how likely the model found each prompt token.
 """
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ def token_logprobs(logits, tokens: list[int], wanted: list[int | None]) -> list:
         k = wanted[i]
         result[i] = (chosen[j], list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist())))
     return result
+
+
+def prompt_logprobs(logits, targets, top: int) -> list[list[tuple[float, int, list[tuple[int, float]]]]]:
+    """For each row and position of `logits` [rows, positions, vocabulary], the logprob of
+    that position's `targets` token (the one that came next), its rank (1 + the tokens the
+    model found likelier) and the `top` likeliest tokens with theirs: the model's own
+    distribution, untouched by the job's sampling parameters."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, targets[..., None])
+    ranks = (logprobs > chosen).sum(-1) + 1
+    top_values, top_ids = logprobs.topk(top, dim=-1)
+    rows = zip(chosen[..., 0].tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist())
+    return [[(lp, rank, list(zip(ids, values))) for lp, rank, ids, values in zip(*row)] for row in rows]
 
 
 def apply_penalties(logits, seqs: list[Sequence]):

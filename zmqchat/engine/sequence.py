@@ -2,7 +2,8 @@
 
 A Sequence is built by the engine from a protocol.Submit: its prompt tokens, its sampling
 parameters resolved with the model's own defaults, and the most tokens it may generate. The
-runner only notes how many prompt tokens it did not compute (their KV was cached); the
+runner only notes how many prompt tokens it did not compute (their KV was cached) and, where
+the job asked, its prompt tokens' logprobs; the
 detokeniser appends each sampled token, with the text it makes, and the pending logprobs that
 leave with that text.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from zmqchat.engine.detokenizer import DETOKENIZER_CONTEXT
+from zmqchat.engine.detokenizer import DETOKENIZER_CONTEXT, PromptLogprobs
 from zmqchat.protocol import SamplingParams, Submit, TokenLogprob
 
 
@@ -38,6 +39,8 @@ class Sequence:
     finish_reason: str | None = None
     cached_tokens: int = 0  # of the prompt, whose KV the runner reused (set at prefill)
     reported_tokens: int | None = None  # of output_ids, those its outputs have counted; None: no output yet
+    # Where the job asked: each prompt token's but the first, set at prefill, taken by the first output.
+    prompt_logprobs: PromptLogprobs | None = None
     # The detokeniser's state.
     text: str = ""  # output decoded so far
     sent: int = 0  # characters of `text` already handed out
@@ -53,6 +56,10 @@ class Sequence:
 
     def __post_init__(self):
         self.prefix_offset = -min(DETOKENIZER_CONTEXT, len(self.prompt_ids))
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
     @property
     def reserved_tokens(self) -> int:
