@@ -154,7 +154,7 @@ def test_null_parameters_mean_their_defaults(client):
 def test_unsupported_parameters_get_a_400_that_names_them(client):
     cases = {
         "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-        "response_format.type": {"response_format": {"type": "json_object"}},
+        "response_format.type": {"response_format": {"type": "xml"}},
         "top_logprobs": {"top_logprobs": 3},  # without logprobs
         "n": {"n": 100},
     }
@@ -253,6 +253,53 @@ def test_min_tokens_and_logit_bias_are_taken_and_checked(client):
         assert info.value.param == param
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         ask(client, logit_bias={"999999": 1})
+
+
+# -- structured output: checked by the API, carried to the worker (the fake cannot follow a grammar)
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "p", "schema": PERSON}}},
+     "response_format.json_schema"),
+    ({"extra_body": {"structured_outputs": {"regex": "a(b"}}}, "structured_outputs.regex"),
+    ({"extra_body": {"structured_outputs": {"grammar": "start: nowhere"}}}, "structured_outputs.grammar"),
+    ({"extra_body": {"structured_outputs": {"json": "{not json"}}}, "structured_outputs.json"),
+    ({"extra_body": {"structured_outputs": {"choice": []}}}, "structured_outputs.choice"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}}, "structured_outputs"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"regex": "a"}}},
+     "structured_outputs"),
+])
+def test_a_constraint_that_cannot_be_matched_gets_a_400_naming_it(client, options, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, **options)
+    assert info.value.param == param, info.value.message
+
+
+def test_a_completion_constraint_is_checked_too(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(client, "x", extra_body={"response_format": {"type": "json_schema", "json_schema": {
+            "name": "p", "schema": {"type": "object", "properties": {"a": {"type": 7}}}}}})
+    assert info.value.param == "response_format.json_schema.schema"
+
+
+@pytest.mark.parametrize("options", [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}},
+    {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}},
+    {"extra_body": {"structured_outputs": {"grammar": 'root ::= "a" | "b"'}}},  # GBNF, converted to Lark
+])
+def test_a_valid_constraint_reaches_the_worker_which_says_the_fake_cannot_follow_it(client, options):
+    with pytest.raises(openai.BadRequestError, match="fake engine cannot constrain"):
+        ask(client, **options)
+
+
+def test_response_format_text_is_no_constraint(client):
+    assert ask(client, response_format={"type": "text"}).choices[0].message.content == WORDS
 
 
 def test_every_v1_route_wants_a_key_from_the_flag_or_the_file(cluster):

@@ -18,6 +18,8 @@ EXAMPLES = [
              params=p.SamplingParams(max_tokens=5, temperature=0.0, stop=("\n",), seed=-(2**63), logprobs=2)),
     p.Submit(id="r2", model="m", timeout=1.0, prompt=[1, 2, 3], params=p.SamplingParams(echo=True)),
     p.Submit(id="r3", model="m", timeout=1.0, prompt="Tea is"),
+    p.Submit(id="r4", model="m", timeout=1.0, prompt="JSON:", params=p.SamplingParams(
+        constraint=p.Constraint("json_schema", '{"type": "object"}'))),
     p.Cancel(ids=["r1", "r2"]),
     p.Step([p.Output("r1", "Hel"), p.Output("r2", "巴黎 🇫🇷", [LOGPROB]),
             p.Output("r3", "", finish="stop", usage=p.Usage(12, 3))]),
@@ -99,6 +101,10 @@ SUBMIT = as_builtins(EXAMPLES[3])
     ({"params": {"stop": [""]}}, "params.stop"),
     ({"params": {"logprobs": p.MAX_TOP_LOGPROBS + 1}}, "params.logprobs"),
     ({"params": {"top_k": -1}}, "params.top_k"),
+    ({"params": {"constraint": {"kind": "xml", "source": "<a/>"}}}, "params.constraint.kind"),
+    ({"params": {"constraint": {"kind": "regex", "source": ""}}}, "params.constraint.source"),
+    ({"params": {"constraint": {"kind": "lark", "source": "x" * (p.MAX_GRAMMAR + 1)}}}, "params.constraint.source"),
+    ({"params": {"constraint": {"kind": "regex"}}}, "params.constraint"),
 ])
 def test_a_submit_out_of_range_is_refused(change, where):
     with pytest.raises(p.ProtocolError, match=where):

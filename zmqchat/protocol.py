@@ -14,8 +14,8 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
   HEARTBEAT   W<->B    Heartbeat; a frontend's HEARTBEAT (F->B) is answered with the broker's id,
               F<->B    new after a restart. A frontend silent for long has its jobs cancelled.
   SUBMIT      F->B->W  Submit: one job (one choice of a request): id, model, timeout in seconds,
-                       SamplingParams, and either `messages` (a chat) or `prompt` (a completion:
-                       text or token ids)
+                       SamplingParams (with a Constraint for structured output), and either
+                       `messages` (a chat) or `prompt` (a completion: text or token ids)
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
                        its tokens' logprobs where the job asked, and for a finished sequence its
@@ -65,6 +65,7 @@ MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit an int64
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's; -100 bans the token
 MAX_BIASED_TOKENS = 1024  # tokens one request may bias
+MAX_GRAMMAR = 256 * 1024  # characters of a constraint's source: a JSON schema, a regex or a grammar
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
@@ -124,6 +125,15 @@ class Heartbeat(Wire):
     broker_id: Annotated[str, Meta(max_length=MAX_ID)] = ""  # set in the broker's answer to a frontend
 
 
+class Constraint(Wire, frozen=True):
+    """What a job's output must match, token by token (zmqchat/grammar.py): a JSON schema (as
+    JSON text), a regular expression, or a Lark grammar (llguidance's dialect, which may embed
+    JSON schemas with %json)."""
+
+    kind: Literal["json_schema", "regex", "lark"]
+    source: Annotated[str, Meta(min_length=1, max_length=MAX_GRAMMAR)]
+
+
 class SamplingParams(Wire, frozen=True):
     """How to sample one job. None means the model's own default (then OpenAI's)."""
 
@@ -143,6 +153,7 @@ class SamplingParams(Wire, frozen=True):
     logit_bias: Annotated[dict[Annotated[int, Meta(ge=0, le=MAX_INT)],
                                Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
                           Meta(max_length=MAX_BIASED_TOKENS)] = field(default_factory=dict)
+    constraint: Constraint | None = None  # structured output: only tokens that keep to it are sampled
 
 
 class ChatMessage(Wire):

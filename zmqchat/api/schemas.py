@@ -10,13 +10,15 @@ The ranges are the wire's own (protocol.py); MAX_N and MAX_CHOICES are the API's
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from zmqchat import grammar
 from zmqchat import protocol as p
 from zmqchat.config import COMPLETION_MAX_TOKENS
-from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS,
+from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_GRAMMAR, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS,
                               MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
 
 MAX_N = 16  # choices of one prompt
@@ -76,8 +78,120 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+def _checked(constraint: p.Constraint) -> p.Constraint:
+    """`constraint`, or ValueError (a 400 naming the parameter it came from) if it cannot be matched."""
+    if len(constraint.source) > MAX_GRAMMAR:
+        raise ValueError(f"is longer than {MAX_GRAMMAR} characters as a grammar")
+    if error := grammar.check(constraint):
+        raise ValueError(error)
+    return constraint
+
+
+def _json_schema(schema: dict) -> p.Constraint:
+    return p.Constraint("json_schema", json.dumps(schema, ensure_ascii=False))
+
+
+def _choice(choices: list[str]) -> p.Constraint:
+    return p.Constraint("lark", "start: " + " | ".join(grammar.lark_literal(c) for c in choices))
+
+
+ANY_JSON_OBJECT = {"type": "object"}
+
+
+class JSONSchemaFormat(Strict):
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # left out: any JSON object
+    strict: bool | None = None  # the schema is always enforced
+
+    @field_validator("schema_")
+    @classmethod
+    def _matchable(cls, schema: dict | None):
+        if schema is not None:
+            _checked(_json_schema(schema))
+        return schema
+
+
 class ResponseFormat(Strict):
-    type: Literal["text"]  # JSON modes would need constrained decoding, which zmqchat does not do
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _only_with_its_type(cls, value: JSONSchemaFormat | None, info: ValidationInfo):
+        if (value is not None) != (info.data.get("type") == "json_schema"):
+            raise ValueError("is given with type json_schema, and only then")
+        return value
+
+    @model_validator(mode="after")
+    def _json_schema_needs_one(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema")
+        return self
+
+    def constraint(self) -> p.Constraint | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema else None
+        return _json_schema(schema if schema is not None else ANY_JSON_OBJECT)
+
+
+class StructuredOutputs(Strict):
+    """vLLM's extension: the output is one of `choice`, or matches `regex`, the JSON schema
+    `json`, the grammar `grammar` (Lark, or GBNF), or is any JSON object (`json_object`)."""
+
+    json_: dict | Text | None = Field(default=None, alias="json")
+    regex: Annotated[Text, Field(min_length=1)] | None = None
+    choice: Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1024)] | None = None
+    grammar: Annotated[Text, Field(min_length=1)] | None = None
+    json_object: bool | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _json_matchable(cls, schema: dict | str):
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise ValueError(f"is not JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise ValueError("a JSON schema is a JSON object")
+        _checked(_json_schema(schema))
+        return schema
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_matchable(cls, regex: str):
+        return _checked(p.Constraint("regex", regex)).source
+
+    @field_validator("choice")
+    @classmethod
+    def _choice_fits(cls, choices: list[str]):
+        _checked(_choice(choices))
+        return choices
+
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_matchable(cls, text: str):
+        return _checked(p.Constraint("lark", grammar.lark_of(text))).source
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [name for name in ("json_", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar and json_object")
+        return self
+
+    def constraint(self) -> p.Constraint:
+        """The constraint, checked as the fields were validated."""
+        if self.json_ is not None or self.json_object:
+            return _json_schema(self.json_ if self.json_ is not None else ANY_JSON_OBJECT)
+        if self.regex is not None:
+            return p.Constraint("regex", self.regex)
+        if self.grammar is not None:
+            return p.Constraint("lark", self.grammar)
+        return _choice(self.choice)
 
 
 class GenerationRequest(Strict):
@@ -102,6 +216,16 @@ class GenerationRequest(Strict):
     # token id (a JSON key, so a string) -> added to its logit; -100 bans it
     logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
                           Field(max_length=MAX_BIASED_TOKENS)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_way_to_structure(cls, value: StructuredOutputs | None, info: ValidationInfo):
+        response_format = info.data.get("response_format")
+        if value is not None and response_format is not None and response_format.type != "text":
+            raise ValueError("cannot be combined with a response_format other than text")
+        return value
 
     @field_validator("stream_options")
     @classmethod
@@ -109,6 +233,12 @@ class GenerationRequest(Strict):
         if value is not None and not info.data.get("stream"):
             raise ValueError("only allowed when stream is true")
         return value
+
+    def constraint(self) -> p.Constraint | None:
+        """What every choice's output must match, if anything."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        return self.response_format.constraint() if self.response_format else None
 
     @property
     def include_usage(self) -> bool:
@@ -125,7 +255,7 @@ class GenerationRequest(Strict):
             top_k=max(self.top_k or 0, 0),  # the wire says "no limit" with 0 only
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             stop=tuple(s for s in stop if s),  # an empty stop string stops nothing, and the wire refuses it
-            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, constraint=self.constraint(),
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             seed=None if self.seed is None else (self.seed + index) % (SEED_RANGE[1] + 1), **own)
 
@@ -135,7 +265,6 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod

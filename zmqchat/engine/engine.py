@@ -18,7 +18,8 @@ from zmqchat.config import DEFAULT_MAX_TOKENS, SLOTS
 from zmqchat.engine.detokenizer import Detokenizer
 from zmqchat.engine.scheduler import Batch, Scheduler
 from zmqchat.engine.sequence import Sequence, resolve
-from zmqchat.protocol import ChatMessage, ErrorCode, JobError, Output, Submit, Usage
+from zmqchat.grammar import Matcher
+from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, JobError, Output, Submit, Usage
 
 PROMPTS_REMEMBERED = 8  # tokenised prompts kept, for the choices of one request that follow each other
 
@@ -38,6 +39,9 @@ class Runner(Protocol):
     def encode_text(self, text: str) -> list[int]: ...
     def decode(self, token_ids: list[int]) -> str: ...
     def token_bytes(self, token_id: int) -> bytes: ...
+
+    def constrain(self, constraint: Constraint) -> Matcher:
+        """A matcher of `constraint` over this model's tokens, or a JobError."""
 
     def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
         """Each sequence's next token and its logprobs (None where not asked), in batch order."""
@@ -75,6 +79,8 @@ class Engine:
                            f"logit_bias names a token id outside the vocabulary [0, {self.runner.vocab_size})")
         prompt_ids, prompt_text = self._encode(job)
         seq = Sequence(job.id, prompt_ids, params, self._max_tokens(len(prompt_ids), params.max_tokens), job)
+        if params.constraint is not None:  # compiled here, off the engine thread
+            seq.grammar = self.runner.constrain(params.constraint)
         if params.echo and prompt_text is not None:  # token ids are decoded for echo by add(), on the engine thread
             seq.pending_echo, seq.echo_length = prompt_text, len(prompt_text)
         if not self.scheduler.fits_alone(seq):

@@ -5,7 +5,8 @@ word per step and then end-of-sequence, taking `delay` seconds a step whatever t
 (like a batched forward pass). Its tokens are words with their trailing space; each new word
 it reads gets the next id. Its logprobs are certain: 0 for the word it says, the floor for
 the alternatives it lists after it. It keeps each batch row's answer as a model keeps a KV
-cache row, following the scheduler's Batch.
+cache row, following the scheduler's Batch. It refuses a job with a constraint (structured
+output): its words are no tokenizer that a grammar can match.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from zmqchat.engine.detokenizer import LOGPROB_FLOOR
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
-from zmqchat.protocol import MAX_SLOTS, ChatMessage, ErrorCode, JobError
+from zmqchat.protocol import MAX_SLOTS, ChatMessage, Constraint, ErrorCode, JobError
 
 EOS = 0
 
@@ -65,6 +66,11 @@ class FakeRunner:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.words[token_id].encode()
+
+    def constrain(self, constraint: Constraint):
+        raise JobError(ErrorCode.INVALID_REQUEST, "the fake engine cannot constrain its output (response_format, "
+                                                  "structured_outputs, tool_choice required or named): its words "
+                                                  "are no tokenizer a grammar can match")
 
     # -- the "model" ----------------------------------------------------------------------------
 

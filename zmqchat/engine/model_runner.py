@@ -29,8 +29,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from zmqchat.engine.sampler import sample, seeded_generator
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
+from zmqchat.grammar import Grammars, Matcher
 from zmqchat.models import LoadedModel, cache_argument
-from zmqchat.protocol import ChatMessage, ErrorCode, JobError
+from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, JobError
 
 # End-of-turn markers of common chat templates; any that is a single token ends a sequence.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -105,6 +106,14 @@ class HFRunner:
         if fallback := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
             return bytes([int(fallback.group(1), 16)])
         return self.tokenizer.decode([token_id]).encode()
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Built on first use (about half a second), by the preparing thread: from its own tokenizer."""
+        return Grammars(self.encoder, self.model.config.vocab_size, self.stop_token_ids)
+
+    def constrain(self, constraint: Constraint) -> Matcher:
+        return self.grammars.matcher(constraint)
 
     def _shared_preamble(self) -> list[int]:
         """The tokens every conversation opening with a user message starts with (a chat

@@ -1,0 +1,91 @@
+"""Structured output on the real default model, through the official openai client: whatever
+the model would rather say, a constrained reply parses and validates, every time."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from conftest import serve_default_model
+
+from zmqchat.models import DEFAULT_MODEL_NAME
+
+pytestmark = pytest.mark.model
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "city": {"enum": ["Paris", "London", "Rome"]},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 2},
+    },
+    "required": ["name", "age", "city", "hobbies"],
+    "additionalProperties": False,
+}
+PROMPTS = ["Describe a person.", "Who is the president of France?", "Write a poem about the sea."]
+
+
+@pytest.fixture(scope="module")
+def client(module_cluster):
+    return openai.OpenAI(base_url=f"{serve_default_model(module_cluster)}/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, content: str, **options):
+    return client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": content}],
+                                          max_tokens=100, **options)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_json_schema_is_kept_every_time(client, temperature):
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for prompt in PROMPTS:
+        reply = ask(client, prompt, temperature=temperature, seed=7, n=2 if temperature else 1,
+                    response_format=schema_format)
+        for choice in reply.choices:
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_json_object_output_parses(client):
+    # Any object at all: at temperature 1 the tiny model may nest one until max_tokens cuts it.
+    for prompt in ("List three fruits.", "Describe a person."):
+        reply = ask(client, prompt, temperature=0, response_format={"type": "json_object"})
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_a_streamed_schema_reply_parses_once_put_together(client):
+    chunks = list(ask(client, "Describe a person.", temperature=1.0, stream=True, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}))
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), PERSON)
+
+
+def test_a_completion_takes_a_schema_too(client):
+    reply = client.completions.create(model=DEFAULT_MODEL_NAME, prompt="A person, as JSON:", max_tokens=100,
+                                      temperature=1.0, extra_body={"structured_outputs": {"json": PERSON}})
+    jsonschema.validate(json.loads(reply.choices[0].text), PERSON)
+
+
+def test_choice_regex_and_grammar(client):
+    choices = ["yes", "no", "maybe not"]
+    for seed in range(3):
+        reply = ask(client, "Is the sky green?", temperature=1.0, seed=seed,
+                    extra_body={"structured_outputs": {"choice": choices}})
+        assert reply.choices[0].message.content in choices and reply.choices[0].finish_reason == "stop"
+    reply = ask(client, "A date?", temperature=1.0, extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-0[1-9]"}})
+    assert reply.choices[0].message.content[:2] == "20" and len(reply.choices[0].message.content) == 7
+    reply = ask(client, "Count.", temperature=1.0, extra_body={"structured_outputs": {"grammar": 'root ::= "one" | "two"'}})
+    assert reply.choices[0].message.content in ("one", "two")
+
+
+def test_an_invalid_schema_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, "x", response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": 5}}})
+    assert info.value.param == "response_format.json_schema.schema"
+
+
+def test_unconstrained_requests_alongside_are_unchanged(client):
+    reply = ask(client, "What is the capital of France?", temperature=0)
+    assert "Paris" in reply.choices[0].message.content
