@@ -274,6 +274,9 @@ def format_status(report) -> str:
 @click.option("--ignore-eos", is_flag=True, help="Ask for exactly --max-tokens tokens per request "
               "(vLLM's `ignore_eos` extension, which zmqchat serves too).")
 @click.option("--stream/--no-stream", default=True, help="Stream responses (needed for TTFT and ITL).")
+@click.option("--json-schema-fraction", type=click.FloatRange(0, 1), default=0.0,
+              help="Also run each level with this fraction of the requests under a JSON schema "
+                   "(response_format), after the same level with none: the cost of constraints.")
 @click.option("--api-key", default=None, help="Bearer key, if the server wants one.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
 @click.option("--ceiling", is_flag=True, help="Also time the bare model here: prefill, and batched decode "
@@ -281,8 +284,8 @@ def format_status(report) -> str:
 @click.option("--ceiling-model", default=None, help="Model for --ceiling [default: the embedded default model].")
 @device_option
 @log_level_option
-def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignore_eos, stream, api_key, output,
-          ceiling, ceiling_model, device, log_level) -> None:
+def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignore_eos, stream, json_schema_fraction,
+          api_key, output, ceiling, ceiling_model, device, log_level) -> None:
     """Load an OpenAI-compatible server and report throughput and latencies."""
     from zmqchat import bench as role
 
@@ -292,7 +295,7 @@ def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignor
         raise click.BadParameter("use comma-separated integers, e.g. 1,8,16", param_hint="--concurrency") from None
     role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=levels, requests=requests,
                               max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
-                              stream=stream, api_key=api_key, output=output,
+                              stream=stream, json_schema_fraction=json_schema_fraction, api_key=api_key, output=output,
                               ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device))
 
 
