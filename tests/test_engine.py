@@ -513,7 +513,7 @@ def test_the_choices_of_one_prompt_are_tokenised_once():
     runner = FakeRunner()
     calls = []
     encode = runner.encode_chat
-    runner.encode_chat = lambda messages: calls.append(messages) or encode(messages)
+    runner.encode_chat = lambda messages, functions: calls.append(messages) or encode(messages, functions)
     engine = Engine(runner)
     for i in range(16):
         submit(engine, job(f"choice-{i}", "the same prompt for every choice"))

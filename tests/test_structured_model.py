@@ -89,3 +89,63 @@ def test_an_invalid_schema_is_a_400_naming_it(client):
 def test_unconstrained_requests_alongside_are_unchanged(client):
     reply = ask(client, "What is the capital of France?", temperature=0)
     assert "Paris" in reply.choices[0].message.content
+
+
+# -- tool calls -----------------------------------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time now in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def assert_well_formed(reply, names=("get_weather",)) -> list:
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice.message
+    for call in choice.message.tool_calls:
+        assert call.function.name in names and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    return choice.message.tool_calls
+
+
+def test_a_named_tool_call_is_always_well_formed(client):
+    for seed in range(3):
+        reply = ask(client, "What should I wear in Paris today?", temperature=1.0, seed=seed, tools=TOOLS,
+                    tool_choice=NAMED, parallel_tool_calls=False)
+        assert len(assert_well_formed(reply)) == 1
+
+
+def test_required_calls_one_of_the_tools(client):
+    reply = ask(client, "What time is it in Tokyo?", temperature=0, tools=TOOLS, tool_choice="required")
+    assert_well_formed(reply, names=("get_weather", "get_time"))
+
+
+def test_tool_choice_none_gives_text(client):
+    reply = ask(client, "What is the capital of France?", temperature=0, tools=TOOLS, tool_choice="none")
+    assert "Paris" in reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+
+
+def test_a_streamed_call_puts_together_the_same_call(client):
+    options = {"temperature": 0, "tools": TOOLS, "tool_choice": NAMED}
+    [whole] = assert_well_formed(ask(client, "Weather in Rome?", **options))
+    fragments = [f for c in ask(client, "Weather in Rome?", stream=True, **options)
+                 for f in c.choices[0].delta.tool_calls or []]
+    assert fragments[0].function.name == whole.function.name
+    assert "".join(f.function.arguments for f in fragments) == whole.function.arguments
+
+
+def test_a_conversation_with_a_tool_result_is_answered(client):
+    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, temperature=0, max_tokens=40, tools=TOOLS,
+                                           tool_choice="none", messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 24, "sky": "sunny"}'},
+    ])
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")

@@ -18,6 +18,7 @@ from zmqchat.config import APIConfig, BrokerConfig, ServeConfig, WorkerConfig
 from zmqchat.curve import from_folder
 from zmqchat.policy import POLICIES
 from zmqchat.protocol import MAX_TIMEOUT
+from zmqchat.tools import PARSERS as TOOL_PARSERS
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
@@ -61,8 +62,9 @@ api_key_file_option = click.option("--api-key-file", type=click.Path(exists=True
 
 
 def api_guard_options(command):
-    """The options of `api` and `serve` that guard the API: who may reach what, and how long and how
-    many clients may hold it. Each is named as its APIConfig field: a command passes them on as **guards."""
+    """The options of `api` and `serve` that guard the API (who may reach what, and how long and how
+    many clients may hold it), and how it reads tool calls. Each is named as its APIConfig field: a
+    command passes them on as **guards."""
     options = [
         click.option("--header-timeout", type=click.FloatRange(0.1), default=c.HEADER_TIMEOUT,
                      help="Seconds a client gets to send a request's headers; then its connection is closed."),
@@ -75,6 +77,9 @@ def api_guard_options(command):
                      help="Serve /metrics without a key when API keys are set (the API docs still need one)."),
         click.option("--insecure", is_flag=True, help="Listen on a non-loopback --host without API keys "
                      "(with serve, the broker's addresses without CURVE too): anyone who reaches it may use it."),
+        click.option("--tool-parser", type=click.Choice(sorted(TOOL_PARSERS)), default="auto", show_default=True,
+                     help="The format of the models' tool calls: auto reads Hermes' <tool_call>, Mistral's "
+                     "[TOOL_CALLS] and Llama 3's JSON alike."),
     ]
     for option in reversed(options):
         command = option(command)

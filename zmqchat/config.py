@@ -95,6 +95,7 @@ class APIConfig:
     max_connections: int = MAX_CONNECTIONS
     public_metrics: bool = False  # /metrics without a key even when keys are set (for a scraper)
     insecure: bool = False  # listen on a non-loopback address without API keys, all the same
+    tool_parser: str = "auto"  # how chat replies are read for tool calls (zmqchat/tools.py)
     log_level: str = LOG_LEVEL
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS

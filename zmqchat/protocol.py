@@ -15,7 +15,8 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
               F<->B    new after a restart. A frontend silent for long has its jobs cancelled.
   SUBMIT      F->B->W  Submit: one job (one choice of a request): id, model, timeout in seconds,
                        SamplingParams (with a Constraint for structured output), and either
-                       `messages` (a chat) or `prompt` (a completion: text or token ids)
+                       `messages` (a chat: turns, tool calls and results, and the tools
+                       offered) or `prompt` (a completion: text or token ids)
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
                        its tokens' logprobs where the job asked, and for a finished sequence its
@@ -65,6 +66,7 @@ MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit an int64
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's; -100 bans the token
 MAX_BIASED_TOKENS = 1024  # tokens one request may bias
+MAX_TOOLS = 128  # tools one request may offer, and calls one message may carry, as OpenAI allows
 MAX_GRAMMAR = 256 * 1024  # characters of a constraint's source: a JSON schema, a regex or a grammar
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
@@ -156,9 +158,27 @@ class SamplingParams(Wire, frozen=True):
     constraint: Constraint | None = None  # structured output: only tokens that keep to it are sampled
 
 
-class ChatMessage(Wire):
+class ToolCall(Wire, frozen=True):
+    """A call an assistant made earlier in the conversation."""
+
+    id: Annotated[str, Meta(max_length=MAX_ID)]
+    name: Name
+    arguments: str  # a JSON object, as text
+
+
+class ChatMessage(Wire, frozen=True):
     role: Annotated[str, Meta(min_length=1, max_length=64)]
     content: str
+    tool_calls: Annotated[tuple[ToolCall, ...], Meta(max_length=MAX_TOOLS)] = ()  # an assistant's
+    tool_call_id: Annotated[str, Meta(max_length=MAX_ID)] = ""  # a tool's result: the call it answers
+
+
+class Function(Wire, frozen=True):
+    """A tool the model may call: for the chat template to render."""
+
+    name: Name
+    description: str = ""
+    parameters: str = ""  # its arguments' JSON schema, as text ("": any object)
 
 
 class Submit(Wire):
@@ -167,6 +187,7 @@ class Submit(Wire):
     timeout: Annotated[float, Meta(gt=0.0, le=MAX_TIMEOUT)]  # seconds from now (clocks differ across machines)
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
+    tools: Annotated[tuple[Function, ...], Meta(max_length=MAX_TOOLS)] = ()  # with messages only
     prompt: str | Annotated[list[Annotated[int, Meta(ge=0, le=MAX_INT)]], Meta(min_length=1)] | None = None
 
     def __post_init__(self):

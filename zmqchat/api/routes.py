@@ -10,7 +10,9 @@ before its reply has its jobs cancelled. Around the API: the chat page, /health,
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -113,7 +115,8 @@ def model_card(name: str, model: ModelStatus) -> dict:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest):
-    return await generate(request, body, ChatCompletion)
+    parser = request.app.state.config.tool_parser
+    return await generate(request, body, functools.partial(ChatCompletion, tool_parser=parser))
 
 
 @router.post("/v1/completions")
@@ -121,7 +124,7 @@ async def completions(request: Request, body: CompletionRequest):
     return await generate(request, body, TextCompletion)
 
 
-async def generate(request: Request, body: GenerationRequest, completion_type: type[Completion]):
+async def generate(request: Request, body: GenerationRequest, completion_type: Callable[..., Completion]):
     client, state = broker(request), request.app.state
     timing = RequestMetrics(state.metrics, body.model)
     try:
@@ -129,9 +132,9 @@ async def generate(request: Request, body: GenerationRequest, completion_type: t
     except BrokerError as exc:
         timing.failed(exc.code.value)
         raise
-    log.debug("request %s: %s, model %s, %d choices, stream %s", stream.id, completion_type.__name__,
-              clip(body.model), len(stream.job_ids), body.stream)
     completion = completion_type(stream, body, timing)
+    log.debug("request %s: %s, model %s, %d choices, stream %s", stream.id, type(completion).__name__,
+              clip(body.model), len(stream.job_ids), body.stream)
     streaming = False
     try:
         # Wait for the first event before answering, so that an error (unknown model, no

@@ -18,8 +18,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from zmqchat import grammar
 from zmqchat import protocol as p
 from zmqchat.config import COMPLETION_MAX_TOKENS
-from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_GRAMMAR, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS,
-                              MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
+from zmqchat.tools import call_grammar
+from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_GRAMMAR, MAX_ID, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME,
+                              MAX_PENALTY, MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOOLS, MAX_TOP_LOGPROBS,
+                              SEED_RANGE)
 
 MAX_N = 16  # choices of one prompt
 MAX_CHOICES = 128  # choices of one request: prompts x n
@@ -64,20 +66,6 @@ class TextPart(Strict):
     text: Text
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: Text | list[TextPart]
-    name: str | None = None
-
-    def wire(self) -> p.ChatMessage:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return p.ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
 def _checked(constraint: p.Constraint) -> p.Constraint:
     """`constraint`, or ValueError (a 400 naming the parameter it came from) if it cannot be matched."""
     if len(constraint.source) > MAX_GRAMMAR:
@@ -96,6 +84,87 @@ def _choice(choices: list[str]) -> p.Constraint:
 
 
 ANY_JSON_OBJECT = {"type": "object"}
+
+
+def _json_object_text(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object, as text")
+    return text
+
+
+class FunctionCall(Strict):
+    name: Text = Field(min_length=1, max_length=MAX_NAME)
+    arguments: Annotated[Text, AfterValidator(_json_object_text)]
+
+
+class ToolCall(Strict):
+    id: Text = Field(max_length=MAX_ID)
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
+    content: Text | list[TextPart] | None = None  # null only for an assistant's turn of tool calls
+    name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # an assistant's
+    tool_call_id: Text | None = Field(default=None, min_length=1, max_length=MAX_ID)  # a tool's result
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, unless an assistant's message has tool_calls")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant's message has tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool's message has a tool_call_id, and only a tool's")
+        return self
+
+    def wire(self) -> p.ChatMessage:
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        calls = tuple(p.ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return p.ChatMessage(role="system" if self.role == "developer" else self.role, content=text,
+                             tool_calls=calls, tool_call_id=self.tool_call_id or "")
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict | None = None  # a JSON schema of its arguments; left out: none
+    strict: bool | None = None  # forced calls (tool_choice required or named) always keep to it
+
+    @field_validator("parameters")
+    @classmethod
+    def _matchable(cls, schema: dict | None):
+        if schema is not None:
+            _checked(_json_schema(schema))
+        return schema
+
+    def wire(self) -> p.Function:
+        return p.Function(self.name, self.description or "", json.dumps(self.parameters) if self.parameters else "")
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
 
 
 class JSONSchemaFormat(Strict):
@@ -265,6 +334,9 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    parallel_tool_calls: bool = True
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # left out: auto
 
     @field_validator("top_logprobs")
     @classmethod
@@ -273,13 +345,47 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError("needs logprobs set to true")
         return value
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_the_tools(cls, choice, info: ValidationInfo):
+        if choice in (None, "none", "auto"):
+            return choice
+        tools = info.data.get("tools")
+        if not tools:
+            raise ValueError("needs tools to choose from")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"names {choice.function.name!r}, which is not among the tools")
+        response_format = info.data.get("response_format")
+        if info.data.get("structured_outputs") or (response_format and response_format.type != "text"):
+            raise ValueError("a forced tool call cannot be combined with response_format or structured_outputs")
+        _checked(cls._call_constraint(tools, choice, info.data.get("parallel_tool_calls", True)))
+        return choice
+
+    @staticmethod
+    def _call_constraint(tools: list[Tool], choice, parallel: bool) -> p.Constraint:
+        """The grammar of a reply that is calls and nothing else: of the named function, or any."""
+        named = [t for t in tools if choice == "required" or t.function.name == choice.function.name]
+        functions = [(t.function.name, t.function.parameters) for t in named]
+        return p.Constraint("lark", call_grammar(functions, parallel))
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model is offered tools, and its reply read for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def constraint(self) -> p.Constraint | None:
+        if self.calls_tools and self.tool_choice not in (None, "auto"):
+            return self._call_constraint(self.tools, self.tool_choice, self.parallel_tool_calls)
+        return super().constraint()
+
     def choices(self) -> list[dict]:
         messages = [m.wire() for m in self.messages]
+        tools = tuple(t.function.wire() for t in self.tools) if self.calls_tools else ()
         # Left out, max_tokens is the worker's to choose: what the model's context leaves, within a bound.
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return [{"messages": messages, "params": self.sampling(i, max_tokens=max_tokens, logprobs=logprobs)}
-                for i in range(self.n)]
+        return [{"messages": messages, "tools": tools,
+                 "params": self.sampling(i, max_tokens=max_tokens, logprobs=logprobs)} for i in range(self.n)]
 
 
 class CompletionRequest(GenerationRequest):

@@ -19,7 +19,7 @@ from zmqchat.engine.detokenizer import Detokenizer
 from zmqchat.engine.scheduler import Batch, Scheduler
 from zmqchat.engine.sequence import Sequence, resolve
 from zmqchat.grammar import Matcher
-from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, JobError, Output, Submit, Usage
+from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError, Output, Submit, Usage
 
 PROMPTS_REMEMBERED = 8  # tokenised prompts kept, for the choices of one request that follow each other
 
@@ -35,7 +35,7 @@ class Runner(Protocol):
     sampling_defaults: dict  # the model's own temperature and top_p, if it has them
     max_token_chars: int | None  # characters of the vocabulary's longest token (None: no bound)
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]: ...
+    def encode_chat(self, messages: list[ChatMessage], functions: tuple[Function, ...] = ()) -> list[int]: ...
     def encode_text(self, text: str) -> list[int]: ...
     def decode(self, token_ids: list[int]) -> str: ...
     def token_bytes(self, token_id: int) -> bytes: ...
@@ -103,8 +103,9 @@ class Engine:
     def _encode(self, job: Submit) -> tuple[list[int], str | None]:
         """The job's prompt tokens, and its text where the client gave text."""
         if job.messages is not None:
-            self._check_length(sum(len(m.content) for m in job.messages))
-            ids, text = self._encoded(tuple((m.role, m.content) for m in job.messages)), None
+            self._check_length(sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in job.messages)
+                               + sum(len(f.description) + len(f.parameters) for f in job.tools))
+            ids, text = self._encoded(tuple(job.messages), job.tools), None
         elif isinstance(job.prompt, str):
             self._check_length(len(job.prompt))
             ids, text = self._encoded(job.prompt), job.prompt
@@ -119,12 +120,12 @@ class Engine:
         return list(ids), text
 
     @functools.lru_cache(maxsize=PROMPTS_REMEMBERED)
-    def _encoded(self, prompt: str | tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+    def _encoded(self, prompt: str | tuple[ChatMessage, ...], functions: tuple[Function, ...] = ()) -> tuple[int, ...]:
         """A prompt's tokens, remembered: the n choices of a request arrive as n jobs with one
         prompt, which is tokenised once."""
         if isinstance(prompt, str):
             return tuple(self.runner.encode_text(prompt))
-        return tuple(self.runner.encode_chat([ChatMessage(role, content) for role, content in prompt]))
+        return tuple(self.runner.encode_chat(list(prompt), functions))
 
     def _check_length(self, characters: int) -> None:
         """Refuse, before tokenising it, a prompt longer than the context window could hold

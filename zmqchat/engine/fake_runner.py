@@ -50,8 +50,8 @@ class FakeRunner:
             ids.append(self.ids[word])
         return ids
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        """Every word of every message."""
+    def encode_chat(self, messages: list[ChatMessage], functions=()) -> list[int]:
+        """Every word of every message (the tools offered are not read)."""
         prompt = [self._tokenize(m.content) for m in messages]
         if not any(prompt):
             raise JobError(ErrorCode.INVALID_REQUEST, "the conversation has no text")
