@@ -18,6 +18,10 @@ EXAMPLES = [
              params=p.SamplingParams(max_tokens=5, temperature=0.0, stop=("\n",), seed=-(2**63), logprobs=2)),
     p.Submit(id="r2", model="m", timeout=1.0, prompt=[1, 2, 3], params=p.SamplingParams(echo=True)),
     p.Submit(id="r3", model="m", timeout=1.0, prompt="Tea is"),
+    p.Submit(id="r5", model="m", timeout=1.0, tools=(p.Function("get_weather", "Weather", '{"type": "object"}'),),
+             messages=[p.ChatMessage("user", "Paris?"),
+                       p.ChatMessage("assistant", "", tool_calls=(p.ToolCall("c1", "get_weather", "{}"),)),
+                       p.ChatMessage("tool", "sunny", tool_call_id="c1")]),
     p.Submit(id="r4", model="m", timeout=1.0, prompt="JSON:", params=p.SamplingParams(
         constraint=p.Constraint("json_schema", '{"type": "object"}'))),
     p.Cancel(ids=["r1", "r2"]),
@@ -105,6 +109,9 @@ SUBMIT = as_builtins(EXAMPLES[3])
     ({"params": {"constraint": {"kind": "regex", "source": ""}}}, "params.constraint.source"),
     ({"params": {"constraint": {"kind": "lark", "source": "x" * (p.MAX_GRAMMAR + 1)}}}, "params.constraint.source"),
     ({"params": {"constraint": {"kind": "regex"}}}, "params.constraint"),
+    ({"tools": [{"name": "f"}] * (p.MAX_TOOLS + 1)}, "tools"),
+    ({"tools": [{"name": ""}]}, "tools"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "f"}]}]}, "arguments"),
 ])
 def test_a_submit_out_of_range_is_refused(change, where):
     with pytest.raises(p.ProtocolError, match=where):

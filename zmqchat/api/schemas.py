@@ -109,19 +109,37 @@ class ToolCall(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
-    content: Text | list[TextPart] | None = None  # null only for an assistant's turn of tool calls
     name: str | None = None
     tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # an assistant's
     tool_call_id: Text | None = Field(default=None, min_length=1, max_length=MAX_ID)  # a tool's result
+    # Null (or left out) only in an assistant's turn of tool calls; checked when left out too.
+    content: Text | list[TextPart] | None = Field(default=None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_are_an_assistants(cls, calls: list[ToolCall] | None, info: ValidationInfo):
+        if calls and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant's message has tool_calls")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _ids_are_a_tools(cls, value: str | None, info: ValidationInfo):
+        if value is not None and info.data.get("role") != "tool":
+            raise ValueError("only a tool's message has a tool_call_id")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calls(cls, content, info: ValidationInfo):
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Field required (null only in an assistant's message with tool_calls)")
+        return content
 
     @model_validator(mode="after")
-    def _fields_of_its_role(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required, unless an assistant's message has tool_calls")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an assistant's message has tool_calls")
-        if (self.tool_call_id is not None) != (self.role == "tool"):
-            raise ValueError("a tool's message has a tool_call_id, and only a tool's")
+    def _a_tool_answers_a_call(self):
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool's message needs the tool_call_id of the call it answers")
         return self
 
     def wire(self) -> p.ChatMessage:
