@@ -145,6 +145,17 @@ def module_cluster(tmp_path_factory):
     c.stop()
 
 
+def serve_default_model(cluster: Cluster) -> str:
+    """`zmqchat serve` of the real default model on `cluster`'s ports; the API's URL."""
+    port = free_port()
+    serve = cluster.spawn("serve", "serve", "--port", str(port), "--frontend", cluster.frontend,
+                          "--backend", cluster.backend, "--device", "cpu")
+    wait_for(lambda: "is serving" in serve.output() or serve.process.poll() is not None, 300,
+             "serve to load the default model")
+    assert serve.process.poll() is None, serve.output()
+    return f"http://127.0.0.1:{port}"
+
+
 def chat(model: str = "fake", content: str = "hello there world", **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 

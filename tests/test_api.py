@@ -109,7 +109,7 @@ def test_stop_string_ends_the_reply_and_is_not_echoed(api):
     (chat(presence_penalty=3), "presence_penalty"),
     (chat(frequency_penalty=-2.5), "frequency_penalty"),
     (chat(top_k=-5), "top_k"),
-    (chat(tools=[{"type": "function"}]), "tools"),
+    (chat(tools=[{"type": "function"}]), "tools.0.function"),
     (chat(stream="yes please"), "stream"),
 ])
 def test_invalid_requests_get_400_in_openai_shape(api, payload, param):

@@ -140,6 +140,31 @@ def test_bench_reports_every_level_as_a_table_and_json(cluster, tmp_path):
     assert sum(w["done"] for w in cluster.status()["workers"]) == 16
 
 
+def test_bench_runs_each_level_again_with_a_fraction_under_a_json_schema(cluster, tmp_path):
+    cluster.broker()
+    cluster.worker()
+    cluster.api()
+    report_path = tmp_path / "bench.json"
+    out = subprocess.run([sys.executable, "-m", "zmqchat", "bench", "--base-url", f"{cluster.url}/v1",
+                          "--model", "fake", "--concurrency", "2", "--requests", "8", "--max-tokens", "5",
+                          "--json-schema-fraction", "0.5", "--output", str(report_path)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "under a JSON schema" in out.stdout
+    plain, schema = json.loads(report_path.read_text())["levels"]
+    assert (plain["json_schema_fraction"], plain["failures"]) == (0.0, 0)
+    # The fake cannot follow a grammar, and says so: so exactly half the requests carried the schema.
+    assert schema["json_schema_fraction"] == 0.5 and schema["failures"] == 4
+    assert "fake engine cannot constrain" in schema["errors"][0]
+
+
+def test_bench_spreads_the_constrained_requests_evenly():
+    from zmqchat.bench import constrained
+
+    assert [constrained(i, 0.5) for i in range(6)] == [False, True] * 3
+    assert sum(constrained(i, 0.25) for i in range(16)) == 4
+    assert all(constrained(i, 1.0) for i in range(5)) and not any(constrained(i, 0.0) for i in range(5))
+
+
 def test_bench_counts_failures_with_their_reason(cluster, tmp_path):
     cluster.broker()
     cluster.worker()

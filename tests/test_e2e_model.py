@@ -8,7 +8,7 @@ import subprocess
 
 import openai
 import pytest
-from conftest import free_port, wait_for
+from conftest import serve_default_model
 
 from zmqchat.models import DEFAULT_MODEL_NAME
 
@@ -19,13 +19,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(module_cluster):
-    port = free_port()
-    serve = module_cluster.spawn("serve", "serve", "--port", str(port), "--frontend", module_cluster.frontend,
-                                 "--backend", module_cluster.backend, "--device", "cpu")
-    wait_for(lambda: "is serving" in serve.output() or serve.process.poll() is not None, 300,
-             "serve to load the default model")
-    assert serve.process.poll() is None, serve.output()
-    return f"http://127.0.0.1:{port}"
+    return serve_default_model(module_cluster)
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 
 from zmqchat.config import DEFAULT_MAX_TOKENS
 from zmqchat.engine import Engine, FakeRunner
-from zmqchat.protocol import (Alternative, ChatMessage, Embed, ErrorCode, JobError, Output, SamplingParams, Submit,
-                              Usage)
+from zmqchat.protocol import (Alternative, ChatMessage, Constraint, Embed, ErrorCode, JobError, Output, SamplingParams,
+                              Submit, Usage)
 
 
 def job(job_id: str, content: str, **params) -> Submit:
@@ -312,6 +312,11 @@ def test_a_full_engine_refuses_more_work():
     assert refused(engine, job("b", "y")).code == ErrorCode.OVERLOADED
 
 
+def test_the_fake_refuses_a_constraint_it_cannot_follow(fake):
+    error = refused(fake, job("c", "hi", constraint=Constraint("regex", "[ab]+")))
+    assert error.code == ErrorCode.INVALID_REQUEST and "fake engine cannot constrain" in error.message
+
+
 def test_a_running_id_is_refused(fake):
     submit(fake, job("a", "x"))
     error = refused(fake, job("a", "y"))
@@ -360,6 +365,17 @@ def record_tokens(engine: Engine, monkeypatch) -> dict[str, list[int]]:
 
     monkeypatch.setattr(engine.runner, "run", recording)
     return tokens
+
+
+@pytest.mark.model
+def test_a_constrained_sequence_ends_with_its_grammar_whatever_min_tokens_and_ignore_eos_say(smol):
+    choice = Constraint("lark", 'start: "yes" | "no"')
+    submit(smol, job("c", "Is the sky blue?", temperature=1.0, max_tokens=30, min_tokens=10, ignore_eos=True,
+                     constraint=choice))
+    submit(smol, job("free", "Is the sky blue?", temperature=0, max_tokens=5, ignore_eos=True))
+    results = run_to_end(smol)
+    assert results["c"]["text"] in ("yes", "no") and results["c"]["reason"] == "stop"
+    assert results["free"]["reason"] == "length"  # alongside, unconstrained, as before
 
 
 @pytest.mark.model
@@ -636,7 +652,7 @@ def test_the_choices_of_one_prompt_are_tokenised_once():
     runner = FakeRunner()
     calls = []
     encode = runner.encode_chat
-    runner.encode_chat = lambda messages: calls.append(messages) or encode(messages)
+    runner.encode_chat = lambda messages, functions: calls.append(messages) or encode(messages, functions)
     engine = Engine(runner)
     for i in range(16):
         submit(engine, job(f"choice-{i}", "the same prompt for every choice"))

@@ -3,6 +3,8 @@ broker, API and fake-engine workers; each test checks what OpenAI's clients rely
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from conftest import wait_for
@@ -153,8 +155,8 @@ def test_null_parameters_mean_their_defaults(client):
 
 def test_unsupported_parameters_get_a_400_that_names_them(client):
     cases = {
-        "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-        "response_format.type": {"response_format": {"type": "json_object"}},
+        "functions": {"functions": [{"name": "f", "parameters": {}}]},  # OpenAI's deprecated form of tools
+        "response_format.type": {"response_format": {"type": "xml"}},
         "top_logprobs": {"top_logprobs": 3},  # without logprobs
         "n": {"n": 100},
     }
@@ -382,6 +384,146 @@ def test_min_tokens_and_logit_bias_are_taken_and_checked(client):
         assert info.value.param == param
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         ask(client, logit_bias={"999999": 1})
+
+
+# -- structured output: checked by the API, carried to the worker (the fake cannot follow a grammar)
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "p", "schema": PERSON}}},
+     "response_format.json_schema"),
+    ({"extra_body": {"structured_outputs": {"regex": "a(b"}}}, "structured_outputs.regex"),
+    ({"extra_body": {"structured_outputs": {"grammar": "start: nowhere"}}}, "structured_outputs.grammar"),
+    ({"extra_body": {"structured_outputs": {"json": "{not json"}}}, "structured_outputs.json"),
+    ({"extra_body": {"structured_outputs": {"choice": []}}}, "structured_outputs.choice"),
+    ({"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}}, "structured_outputs"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"regex": "a"}}},
+     "structured_outputs"),
+])
+def test_a_constraint_that_cannot_be_matched_gets_a_400_naming_it(client, options, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, **options)
+    assert info.value.param == param, info.value.message
+
+
+def test_a_completion_constraint_is_checked_too(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(client, "x", extra_body={"response_format": {"type": "json_schema", "json_schema": {
+            "name": "p", "schema": {"type": "object", "properties": {"a": {"type": 7}}}}}})
+    assert info.value.param == "response_format.json_schema.schema"
+
+
+@pytest.mark.parametrize("options", [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}},
+    {"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}},
+    {"extra_body": {"structured_outputs": {"grammar": 'root ::= "a" | "b"'}}},  # GBNF, converted to Lark
+])
+def test_a_valid_constraint_reaches_the_worker_which_says_the_fake_cannot_follow_it(client, options):
+    with pytest.raises(openai.BadRequestError, match="fake engine cannot constrain"):
+        ask(client, **options)
+
+
+def test_response_format_text_is_no_constraint(client):
+    assert ask(client, response_format={"type": "text"}).choices[0].message.content == WORDS
+
+
+# -- tool calls: the fake says what it is told, so a user's words can be a call ------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_a_call_in_the_reply_becomes_tool_calls(client):
+    reply = ask(client, CALL, tools=[WEATHER])
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls" and message.content is None
+    [call] = message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_streamed_tool_calls_put_together_are_the_same_call(client):
+    chunks = streamed(client, f"Let me look. {CALL}", tools=[WEATHER], tool_choice="auto")
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    fragments = [f for c in chunks for f in c.choices[0].delta.tool_calls or []]
+    assert content.strip() == "Let me look." and "<tool_call>" not in content
+    assert [f.index for f in fragments] == [0] and fragments[0].id.startswith("call_")
+    assert fragments[0].function.name == "get_weather"
+    assert json.loads("".join(f.function.arguments for f in fragments)) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_parallel_calls_are_numbered(client):
+    second = CALL.replace("Paris", "Rome")
+    reply = ask(client, f"{CALL} {second}", tools=[WEATHER])
+    assert [json.loads(c.function.arguments)["city"] for c in reply.choices[0].message.tool_calls] == ["Paris", "Rome"]
+    fragments = [f for c in streamed(client, f"{CALL} {second}", tools=[WEATHER])
+                 for f in c.choices[0].delta.tool_calls or []]
+    assert [f.index for f in fragments] == [0, 1] and len({f.id for f in fragments}) == 2
+
+
+def test_tool_choice_none_gives_text(client):
+    reply = ask(client, CALL, tools=[WEATHER], tool_choice="none")
+    assert reply.choices[0].message.content == CALL and not reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_text_that_is_no_call_is_streamed_whole(client):
+    chunks = streamed(client, "a <tool_ call that is not", tools=[WEATHER])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "a <tool_ call that is not"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+
+
+def test_a_conversation_with_a_call_and_its_result_is_taken(client):
+    reply = client.chat.completions.create(model="fake", tools=[WEATHER], messages=[
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"},
+        {"role": "user", "content": "thanks"},
+    ])
+    assert reply.choices[0].message.content == "thanks"
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 3}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+])
+def test_a_tool_option_that_cannot_work_gets_a_400_naming_it(client, options, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, **options)
+    assert info.value.param == param, info.value.message
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "tool", "content": "a result without its call's id"},
+    {"role": "user", "content": "hi", "tool_call_id": "call_1"},
+    {"role": "assistant", "content": None},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]},
+])
+def test_a_message_with_the_wrong_tool_fields_gets_a_400(client, message):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}, message])
+    assert info.value.param.startswith("messages.1"), info.value.message
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_reaches_the_worker_as_a_constraint(client, choice):
+    with pytest.raises(openai.BadRequestError, match="fake engine cannot constrain"):
+        ask(client, tools=[WEATHER], tool_choice=choice)
 
 
 def test_every_v1_route_wants_a_key_from_the_flag_or_the_file(cluster):

@@ -24,6 +24,12 @@ EXAMPLES = [
     p.Submit(id="r4", model="m", timeout=1.0, prompt="Tea is",
              params=p.SamplingParams(max_tokens=0, echo=True, logprobs=1, prompt_logprobs=3)),
     p.Submit(id="r5", model="m", timeout=1.0, embed=p.Embed(["Tea is", [1, 2]], dimensions=64)),
+    p.Submit(id="r6", model="m", timeout=1.0, tools=(p.Function("get_weather", "Weather", '{"type": "object"}'),),
+             messages=[p.ChatMessage("user", "Paris?"),
+                       p.ChatMessage("assistant", "", tool_calls=(p.ToolCall("c1", "get_weather", "{}"),)),
+                       p.ChatMessage("tool", "sunny", tool_call_id="c1")]),
+    p.Submit(id="r7", model="m", timeout=1.0, prompt="JSON:", params=p.SamplingParams(
+        constraint=p.Constraint("json_schema", '{"type": "object"}'))),
     p.Cancel(ids=["r1", "r2"]),
     p.Step([p.Output("r1", "Hel", 1, usage=p.Usage(7, 1)), p.Output("r2", "巴黎 🇫🇷", 2, [LOGPROB]),
             p.Output("r3", "", finish="stop", usage=p.Usage(12, 3)),
@@ -117,6 +123,13 @@ SUBMIT = as_builtins(next(m for m in EXAMPLES if isinstance(m, p.Submit)))
     ({"params": {"stop": [""]}}, "params.stop"),
     ({"params": {"logprobs": p.MAX_TOP_LOGPROBS + 1}}, "params.logprobs"),
     ({"params": {"top_k": -1}}, "params.top_k"),
+    ({"params": {"constraint": {"kind": "xml", "source": "<a/>"}}}, "params.constraint.kind"),
+    ({"params": {"constraint": {"kind": "regex", "source": ""}}}, "params.constraint.source"),
+    ({"params": {"constraint": {"kind": "lark", "source": "x" * (p.MAX_GRAMMAR + 1)}}}, "params.constraint.source"),
+    ({"params": {"constraint": {"kind": "regex"}}}, "params.constraint"),
+    ({"tools": [{"name": "f"}] * (p.MAX_TOOLS + 1)}, "tools"),
+    ({"tools": [{"name": ""}]}, "tools"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "f"}]}]}, "arguments"),
 ])
 def test_a_submit_out_of_range_is_refused(change, where):
     with pytest.raises(p.ProtocolError, match=where):

@@ -3,7 +3,10 @@
 For each concurrency level it keeps that many chat requests in flight, drawn in turn from a
 fixed built-in prompt set, until `requests` have been sent; then it reports requests/s,
 output tokens/s, end-to-end latency, time to first token and inter-token latency (p50 and
-p99), and failures. Output tokens are the server's own `usage.completion_tokens`.
+p99), and failures. Output tokens are the server's own `usage.completion_tokens`. With a
+`json_schema_fraction`, each level runs a second time with that fraction of its requests
+under a JSON schema (structured output), spread evenly: the cost of constraints, measured
+against the same load with none.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ PROMPTS = [
     "Summarise the story of Cinderella in three sentences.",
     "What should I pack for a weekend of hiking?",
 ]
+# What constrained requests must answer in: open strings, so the model writes as much as it likes.
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"topic": {"type": "string"}, "answer": {"type": "string"},
+                   "facts": {"type": "array", "items": {"type": "string"}}},
+    "required": ["topic", "answer", "facts"],
+    "additionalProperties": False,
+}
 
 
 @dataclass
@@ -47,6 +58,7 @@ class BenchConfig:
     temperature: float = 1.0  # sent with every request, so every server gets the same work
     ignore_eos: bool = False  # ask for exactly max_tokens (vLLM's extension; zmqchat has it)
     stream: bool = True
+    json_schema_fraction: float = 0.0  # >0: each level again, with this fraction under ANSWER_SCHEMA
     api_key: str | None = None
     timeout: float = 600.0
     output: str | None = None
@@ -68,6 +80,7 @@ class Result:
 @dataclass
 class LevelReport:
     concurrency: int
+    json_schema_fraction: float
     requests: int
     failures: int
     duration_s: float
@@ -90,9 +103,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def one_request(client: httpx.AsyncClient, config: BenchConfig, prompt: str) -> Result:
+def constrained(index: int, fraction: float) -> bool:
+    """Whether request `index` is under the schema: `fraction` of them, spread evenly."""
+    return int((index + 1) * fraction) > int(index * fraction)
+
+
+async def one_request(client: httpx.AsyncClient, config: BenchConfig, prompt: str, schema: bool = False) -> Result:
     body = {"model": config.model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": config.max_tokens, "temperature": config.temperature, "stream": config.stream}
+    if schema:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
     if config.ignore_eos:
         body["ignore_eos"] = True
     if config.stream:
@@ -136,7 +156,7 @@ async def read_stream(client: httpx.AsyncClient, body: dict, started: float) -> 
     return result
 
 
-async def run_level(config: BenchConfig, concurrency: int) -> LevelReport:
+async def run_level(config: BenchConfig, concurrency: int, fraction: float = 0.0) -> LevelReport:
     total = config.requests or max(8, 4 * concurrency)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -146,9 +166,9 @@ async def run_level(config: BenchConfig, concurrency: int) -> LevelReport:
     async def user(client: httpx.AsyncClient) -> None:
         nonlocal next_index
         while next_index < total:
-            prompt = PROMPTS[next_index % len(PROMPTS)]
-            next_index += 1
-            results.append(await one_request(client, config, prompt))
+            index, next_index = next_index, next_index + 1
+            results.append(await one_request(client, config, PROMPTS[index % len(PROMPTS)],
+                                             constrained(index, fraction)))
 
     async with httpx.AsyncClient(base_url=config.base_url.rstrip("/"), headers=headers, limits=limits,
                                  timeout=config.timeout) as client:
@@ -160,7 +180,7 @@ async def run_level(config: BenchConfig, concurrency: int) -> LevelReport:
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     gaps = [g for r in ok for g in r.gaps]
     return LevelReport(
-        concurrency=concurrency, requests=total, failures=total - len(ok), duration_s=round(duration, 3),
+        concurrency=concurrency, json_schema_fraction=fraction, requests=total, failures=total - len(ok), duration_s=round(duration, 3),
         requests_per_s=len(ok) / duration, output_tokens_per_s=sum(r.output_tokens for r in ok) / duration,
         latency_p50_s=percentile(latencies, 50), latency_p99_s=percentile(latencies, 99),
         ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
@@ -173,10 +193,10 @@ def format_table(reports: list[LevelReport]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:.0f}"
 
-    rows = [("conc", "reqs", "fail", "req/s", "out tok/s", "lat p50", "lat p99", "ttft p50", "ttft p99",
+    rows = [("conc", "schema", "reqs", "fail", "req/s", "out tok/s", "lat p50", "lat p99", "ttft p50", "ttft p99",
              "itl p50", "itl p99")]
     for r in reports:
-        rows.append((str(r.concurrency), str(r.requests), str(r.failures), f"{r.requests_per_s:.2f}",
+        rows.append((str(r.concurrency), f"{r.json_schema_fraction:.0%}", str(r.requests), str(r.failures), f"{r.requests_per_s:.2f}",
                      f"{r.output_tokens_per_s:.1f}", ms(r.latency_p50_s), ms(r.latency_p99_s),
                      ms(r.ttft_p50_s), ms(r.ttft_p99_s), ms(r.itl_p50_s), ms(r.itl_p99_s)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -269,10 +289,17 @@ def format_weights_row(row: dict, reference: str, max_tokens: int) -> str:
 def run(config: BenchConfig) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     reports = []
+    fractions = [0.0] + ([config.json_schema_fraction] if config.json_schema_fraction else [])
     for concurrency in config.concurrency:
-        print(f"concurrency {concurrency}: running...", flush=True)
-        reports.append(asyncio.run(run_level(config, concurrency)))
+        for fraction in fractions:
+            print(f"concurrency {concurrency}, {fraction:.0%} under a JSON schema: running...", flush=True)
+            reports.append(asyncio.run(run_level(config, concurrency, fraction)))
     print(format_table(reports))
+    if len(fractions) == 2:  # each level's report without, then with the schema
+        for plain, schema in zip(reports[::2], reports[1::2]):
+            print(f"concurrency {plain.concurrency}: {schema.output_tokens_per_s:.1f} tok/s with "
+                  f"{schema.json_schema_fraction:.0%} under a JSON schema, {plain.output_tokens_per_s:.1f} with none "
+                  f"({schema.output_tokens_per_s / max(plain.output_tokens_per_s, 1e-9):.2f}x)")
     result = {"config": asdict(config), "levels": [asdict(r) for r in reports]}
     if config.ceiling:
         batch = max(config.concurrency)
@@ -282,9 +309,9 @@ def run(config: BenchConfig) -> dict:
         print(f"bare model {ceiling['model']} on {ceiling['device']}: prefill {ceiling['prefill_ms_mean']:.0f} ms "
               f"per prompt; decode at batch {batch}: {ceiling['decode_step_ms']:.0f} ms/step, "
               f"{ceiling['decode_tokens_per_s']:.1f} tokens/s")
-        top = next(r for r in reports if r.concurrency == batch)
+        top = next(r for r in reports if r.concurrency == batch and not r.json_schema_fraction)
         print(f"served / bare at {batch} streams: {top.output_tokens_per_s / ceiling['decode_tokens_per_s']:.2f}")
-        single = next((r for r in reports if r.concurrency == 1 and r.ttft_p50_s), None)
+        single = next((r for r in reports if r.concurrency == 1 and not r.json_schema_fraction and r.ttft_p50_s), None)
         if single:
             print(f"TTFT p50 at concurrency 1 minus bare prefill: "
                   f"{single.ttft_p50_s * 1000 - ceiling['prefill_ms_mean']:+.0f} ms")

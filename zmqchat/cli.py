@@ -18,6 +18,7 @@ from zmqchat.config import APIConfig, BrokerConfig, ServeConfig, WorkerConfig
 from zmqchat.curve import from_folder
 from zmqchat.policy import POLICIES
 from zmqchat.protocol import MAX_TIMEOUT, TASKS
+from zmqchat.tools import PARSERS as TOOL_PARSERS
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
@@ -71,8 +72,9 @@ response_store_option = click.option(
 
 
 def api_guard_options(command):
-    """The options of `api` and `serve` that guard the API: who may reach what, and how long and how
-    many clients may hold it. Each is named as its APIConfig field: a command passes them on as **guards."""
+    """The options of `api` and `serve` that guard the API (who may reach what, and how long and how
+    many clients may hold it), and how it reads tool calls. Each is named as its APIConfig field: a
+    command passes them on as **guards."""
     options = [
         click.option("--header-timeout", type=click.FloatRange(0.1), default=c.HEADER_TIMEOUT,
                      help="Seconds a client gets to send a request's headers; then its connection is closed."),
@@ -85,6 +87,9 @@ def api_guard_options(command):
                      help="Serve /metrics without a key when API keys are set (the API docs still need one)."),
         click.option("--insecure", is_flag=True, help="Listen on a non-loopback --host without API keys "
                      "(with serve, the broker's addresses without CURVE too): anyone who reaches it may use it."),
+        click.option("--tool-parser", type=click.Choice(sorted(TOOL_PARSERS)), default="auto", show_default=True,
+                     help="The format of the models' tool calls: auto reads Hermes' <tool_call>, Mistral's "
+                     "[TOOL_CALLS] and Llama 3's JSON alike."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -302,6 +307,9 @@ def format_status(report) -> str:
 @click.option("--ignore-eos", is_flag=True, help="Ask for exactly --max-tokens tokens per request "
               "(vLLM's `ignore_eos` extension, which zmqchat serves too).")
 @click.option("--stream/--no-stream", default=True, help="Stream responses (needed for TTFT and ITL).")
+@click.option("--json-schema-fraction", type=click.FloatRange(0, 1), default=0.0,
+              help="Also run each level with this fraction of the requests under a JSON schema "
+                   "(response_format), after the same level with none: the cost of constraints.")
 @click.option("--api-key", default=None, help="Bearer key, if the server wants one.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
 @click.option("--ceiling", is_flag=True, help="Also time the bare model here: prefill, and batched decode "
@@ -309,14 +317,14 @@ def format_status(report) -> str:
 @click.option("--ceiling-model", default=None, help="Model for --ceiling [default: the embedded default model].")
 @device_option
 @log_level_option
-def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignore_eos, stream, api_key, output,
-          ceiling, ceiling_model, device, log_level) -> None:
+def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignore_eos, stream, json_schema_fraction,
+          api_key, output, ceiling, ceiling_model, device, log_level) -> None:
     """Load an OpenAI-compatible server and report throughput and latencies."""
     from zmqchat import bench as role
 
     role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=concurrency, requests=requests,
                               max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
-                              stream=stream, api_key=api_key, output=output,
+                              stream=stream, json_schema_fraction=json_schema_fraction, api_key=api_key, output=output,
                               ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device))
 
 

@@ -107,6 +107,7 @@ class APIConfig:
     public_metrics: bool = False  # /metrics without a key even when keys are set (for a scraper)
     response_store_size: int = RESPONSE_STORE_SIZE  # responses kept for previous_response_id; 0: none
     insecure: bool = False  # listen on a non-loopback address without API keys, all the same
+    tool_parser: str = "auto"  # how chat replies are read for tool calls (zmqchat/tools.py)
     log_level: str = LOG_LEVEL
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS

@@ -15,10 +15,11 @@ receiver logs and drops. So no handler ever looks into an unchecked body.
   HEARTBEAT   W<->B    Heartbeat; a frontend's HEARTBEAT (F->B) is answered with the broker's id,
               F<->B    new after a restart. A frontend silent for long has its jobs cancelled.
   SUBMIT      F->B->W  Submit: one job (one choice of a request): id, model, timeout in seconds,
-                       SamplingParams, and one of `messages` (a chat), `prompt` (a completion:
-                       text or token ids) or `embed` (an embeddings request: all its inputs). Its
-                       task (generate, or embed) is all the broker reads of it: it goes to a
-                       worker that serves the model for that task
+                       SamplingParams (with a Constraint for structured output), and one of
+                       `messages` (a chat: turns, tool calls and results, and the tools offered),
+                       `prompt` (a completion: text or token ids) or `embed` (an embeddings
+                       request: all its inputs). Its task (generate, or embed) is all the broker
+                       reads of it: it goes to a worker that serves the model for that task
   CANCEL      F->B->W  Cancel: job ids
   STEP        W->B->F  Step: one engine step's Output for each sequence it advanced: new text,
                        the number of tokens it covers, their logprobs where the job asked, and
@@ -74,6 +75,8 @@ SEED_RANGE = (-(2**63), 2**63 - 1)  # a seed must fit an int64
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's; -100 bans the token
 MAX_BIASED_TOKENS = 1024  # tokens one request may bias
 MAX_EMBED_INPUTS = 256  # inputs of one embeddings request (OpenAI's 2048 would not fit a frame's vectors)
+MAX_TOOLS = 128  # tools one request may offer, and calls one message may carry, as OpenAI allows
+MAX_GRAMMAR = 256 * 1024  # characters of a constraint's source: a JSON schema, a regex or a grammar
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
@@ -141,6 +144,15 @@ class Heartbeat(Wire):
     broker_id: Annotated[str, Meta(max_length=MAX_ID)] = ""  # set in the broker's answer to a frontend
 
 
+class Constraint(Wire, frozen=True):
+    """What a job's output must match, token by token (zmqchat/grammar.py): a JSON schema (as
+    JSON text), a regular expression, or a Lark grammar (llguidance's dialect, which may embed
+    JSON schemas with %json)."""
+
+    kind: Literal["json_schema", "regex", "lark"]
+    source: Annotated[str, Meta(min_length=1, max_length=MAX_GRAMMAR)]
+
+
 class SamplingParams(Wire, frozen=True):
     """How to sample one job. None means the model's own default (then OpenAI's)."""
 
@@ -162,15 +174,34 @@ class SamplingParams(Wire, frozen=True):
                           Meta(max_length=MAX_BIASED_TOKENS)] = field(default_factory=dict)
     # The prompt's tokens' logprobs, with this many alternatives each (vLLM's prompt_logprobs)
     prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    constraint: Constraint | None = None  # structured output: only tokens that keep to it are sampled
 
     def __post_init__(self):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 generates nothing: it is only allowed with echo, to score the prompt")
 
 
-class ChatMessage(Wire):
+class ToolCall(Wire, frozen=True):
+    """A call an assistant made earlier in the conversation."""
+
+    id: Annotated[str, Meta(max_length=MAX_ID)]
+    name: Name
+    arguments: str  # a JSON object, as text
+
+
+class ChatMessage(Wire, frozen=True):
     role: Annotated[str, Meta(min_length=1, max_length=64)]
     content: str
+    tool_calls: Annotated[tuple[ToolCall, ...], Meta(max_length=MAX_TOOLS)] = ()  # an assistant's
+    tool_call_id: Annotated[str, Meta(max_length=MAX_ID)] = ""  # a tool's result: the call it answers
+
+
+class Function(Wire, frozen=True):
+    """A tool the model may call: for the chat template to render."""
+
+    name: Name
+    description: str = ""
+    parameters: str = ""  # its arguments' JSON schema, as text ("": any object)
 
 
 class Embed(Wire):
@@ -187,6 +218,7 @@ class Submit(Wire):
     timeout: Annotated[float, Meta(gt=0.0, le=MAX_TIMEOUT)]  # seconds from now (clocks differ across machines)
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
+    tools: Annotated[tuple[Function, ...], Meta(max_length=MAX_TOOLS)] = ()  # with messages only
     prompt: str | TokenIds | None = None
     embed: Embed | None = None
 

@@ -16,6 +16,7 @@ import json
 import logging
 import struct
 import time
+import uuid
 from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse
@@ -25,6 +26,7 @@ from zmqchat.api.schemas import ChatCompletionRequest, CompletionRequest, Embedd
 from zmqchat.client import BrokerClient, BrokerError, Event, Stream
 from zmqchat.metrics import RequestMetrics
 from zmqchat.protocol import Alternative, Output, PromptToken, TokenLogprob, Usage
+from zmqchat.tools import PARSERS, Call
 
 log = logging.getLogger("zmqchat.api")
 
@@ -202,14 +204,49 @@ class ChatCompletion(Completion):
     id_prefix = "chatcmpl-"
     request: ChatCompletionRequest
 
+    def __init__(self, stream: Stream, request: ChatCompletionRequest, timing: RequestMetrics,
+                 tool_parser: str = "auto"):
+        super().__init__(stream, request, timing)
+        # With tools offered, each reply is read for calls (zmqchat/tools.py); streamed, the text
+        # from where one may begin is held back, with its logprobs, until it is known to be text
+        # or is parsed.
+        self.parser = PARSERS[tool_parser] if request.calls_tools else None
+        self.held: dict[int, tuple[str, list[TokenLogprob]]] = {}
+
     def opening_chunks(self) -> list[str]:
         """The role, first, in each choice's first delta, as OpenAI's clients expect."""
         return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}) for i in range(self.request.n)]
 
     def choice(self, index, text, logprobs, finish_reason, prompt) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        content, calls = self.parser.parse(text) if self.parser else (text, [])
+        if calls:
+            message = {"role": "assistant", "content": content or None, "tool_calls": _tool_calls(calls)}
+        return {"index": index, "message": message, "logprobs": self._logprobs(logprobs),
+                "finish_reason": _finish_reason(finish_reason, calls)}
+
+    def output_chunks(self, index: int, output: Output) -> list[str]:
+        if self.parser is None:
+            return super().output_chunks(index, output)
+        text, logprobs = self.held.pop(index, ("", []))
+        text, logprobs = text + output.text, logprobs + (output.logprobs or [])
+        if output.finish is None:
+            start = self.parser.call_start(text)
+            if start >= 0:
+                self.held[index] = (text[start:], logprobs)
+                text, logprobs = text[:start], []
+            return [self._chunk(self.chunk_choice(index, text, logprobs, None, None))] if text else []
+        content, calls = self.parser.parse(text)
+        chunks = []
+        if calls:
+            if content:
+                chunks.append(self._chunk(self.chunk_choice(index, content, None, None, None)))
+            chunks.append(self._chunk({"index": index, "delta": {"tool_calls": _tool_calls(calls, indexed=True)},
+                                       "logprobs": self._logprobs(logprobs), "finish_reason": None}))
+        elif text or logprobs:
+            chunks.append(self._chunk(self.chunk_choice(index, text, logprobs, None, None)))
+        return chunks + [self._chunk(self.chunk_choice(index, None, None, _finish_reason(output.finish, calls), None))]
 
     def chunk_choice(self, index, text, logprobs, finish_reason, prompt) -> dict:
         delta = {} if text is None else {"content": text}
@@ -298,6 +335,17 @@ def _vllm_prompt_logprobs(prompt: list[PromptToken], k: int) -> list[dict | None
         return entries
 
     return [None if token.logprob is None else ranked(token) for token in prompt]
+
+
+def _tool_calls(calls: list[Call], indexed: bool = False) -> list[dict]:
+    """OpenAI's tool_calls, each with an id of its own; in a stream's delta, with its index."""
+    return [{**({"index": i} if indexed else {}), "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for i, call in enumerate(calls)]
+
+
+def _finish_reason(finish: str, calls: list[Call]) -> str:
+    """A reply that ended by itself with calls ends for them."""
+    return "tool_calls" if calls and finish == "stop" else finish
 
 
 def _token_logprob(entry: TokenLogprob | Alternative) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -119,7 +120,8 @@ def model_card(name: str, model: ModelStatus) -> dict:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest):
-    return await generate(request, body, ChatCompletion)
+    parser = request.app.state.config.tool_parser
+    return await generate(request, body, partial(ChatCompletion, tool_parser=parser))
 
 
 @router.post("/v1/completions")

@@ -10,16 +10,20 @@ The ranges are the wire's own (protocol.py); MAX_N and MAX_CHOICES are the API's
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from zmqchat import grammar
 from zmqchat import protocol as p
 from zmqchat.config import COMPLETION_MAX_TOKENS
-from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_EMBED_INPUTS, MAX_INT, MAX_LOGIT_BIAS, MAX_NAME, MAX_PENALTY,
-                              MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, SEED_RANGE)
+from zmqchat.protocol import (MAX_BIASED_TOKENS, MAX_EMBED_INPUTS, MAX_GRAMMAR, MAX_ID, MAX_INT, MAX_LOGIT_BIAS,
+                              MAX_NAME, MAX_PENALTY, MAX_STOP_STRINGS, MAX_TEMPERATURE, MAX_TOOLS, MAX_TOP_LOGPROBS,
+                              SEED_RANGE)
+from zmqchat.tools import call_grammar
 
 MAX_N = 16  # choices of one prompt
 MAX_CHOICES = 128  # choices of one request: prompts x n
@@ -74,14 +78,119 @@ class TextPart(Strict):
     text: Text
 
 
+def _checked(constraint: p.Constraint) -> p.Constraint:
+    """`constraint`, or ValueError (a 400 naming the parameter it came from) if it cannot be matched."""
+    if len(constraint.source) > MAX_GRAMMAR:
+        raise ValueError(f"is longer than {MAX_GRAMMAR} characters as a grammar")
+    if error := grammar.check(constraint):
+        raise ValueError(error)
+    return constraint
+
+
+def _json_schema(schema: dict) -> p.Constraint:
+    return p.Constraint("json_schema", json.dumps(schema, ensure_ascii=False))
+
+
+def _choice(choices: list[str]) -> p.Constraint:
+    return p.Constraint("lark", "start: " + " | ".join(grammar.lark_literal(c) for c in choices))
+
+
+ANY_JSON_OBJECT = {"type": "object"}
+
+
+def _json_object_text(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object, as text")
+    return text
+
+
+class FunctionCall(Strict):
+    name: Text = Field(min_length=1, max_length=MAX_NAME)
+    arguments: Annotated[Text, AfterValidator(_json_object_text)]
+
+
+class ToolCall(Strict):
+    id: Text = Field(max_length=MAX_ID)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # an assistant's
+    tool_call_id: Text | None = Field(default=None, min_length=1, max_length=MAX_ID)  # a tool's result
+    # Null (or left out) only in an assistant's turn of tool calls; checked when left out too.
+    content: Text | list[TextPart] | None = Field(default=None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_are_an_assistants(cls, calls: list[ToolCall] | None, info: ValidationInfo):
+        if calls and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant's message has tool_calls")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _ids_are_a_tools(cls, value: str | None, info: ValidationInfo):
+        if value is not None and info.data.get("role") != "tool":
+            raise ValueError("only a tool's message has a tool_call_id")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calls(cls, content, info: ValidationInfo):
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Field required (null only in an assistant's message with tool_calls)")
+        return content
+
+    @model_validator(mode="after")
+    def _a_tool_answers_a_call(self):
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool's message needs the tool_call_id of the call it answers")
+        return self
 
     def wire(self) -> p.ChatMessage:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return p.ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        calls = tuple(p.ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return p.ChatMessage(role="system" if self.role == "developer" else self.role, content=text,
+                             tool_calls=calls, tool_call_id=self.tool_call_id or "")
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict | None = None  # a JSON schema of its arguments; left out: none
+    strict: bool | None = None  # forced calls (tool_choice required or named) always keep to it
+
+    @field_validator("parameters")
+    @classmethod
+    def _matchable(cls, schema: dict | None):
+        if schema is not None:
+            _checked(_json_schema(schema))
+        return schema
+
+    def wire(self) -> p.Function:
+        return p.Function(self.name, self.description or "", json.dumps(self.parameters) if self.parameters else "")
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(Strict):
@@ -89,8 +198,100 @@ class StreamOptions(Strict):
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
+class JSONSchemaFormat(Strict):
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # left out: any JSON object
+    strict: bool | None = None  # the schema is always enforced
+
+    @field_validator("schema_")
+    @classmethod
+    def _matchable(cls, schema: dict | None):
+        if schema is not None:
+            _checked(_json_schema(schema))
+        return schema
+
+
 class ResponseFormat(Strict):
-    type: Literal["text"]  # JSON modes would need constrained decoding, which zmqchat does not do
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _only_with_its_type(cls, value: JSONSchemaFormat | None, info: ValidationInfo):
+        if (value is not None) != (info.data.get("type") == "json_schema"):
+            raise ValueError("is given with type json_schema, and only then")
+        return value
+
+    @model_validator(mode="after")
+    def _json_schema_needs_one(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema")
+        return self
+
+    def constraint(self) -> p.Constraint | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema else None
+        return _json_schema(schema if schema is not None else ANY_JSON_OBJECT)
+
+
+class StructuredOutputs(Strict):
+    """vLLM's extension: the output is one of `choice`, or matches `regex`, the JSON schema
+    `json`, the grammar `grammar` (Lark, or GBNF), or is any JSON object (`json_object`)."""
+
+    json_: dict | Text | None = Field(default=None, alias="json")
+    regex: Annotated[Text, Field(min_length=1)] | None = None
+    choice: Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1024)] | None = None
+    grammar: Annotated[Text, Field(min_length=1)] | None = None
+    json_object: bool | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _json_matchable(cls, schema: dict | str):
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise ValueError(f"is not JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise ValueError("a JSON schema is a JSON object")
+        _checked(_json_schema(schema))
+        return schema
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_matchable(cls, regex: str):
+        return _checked(p.Constraint("regex", regex)).source
+
+    @field_validator("choice")
+    @classmethod
+    def _choice_fits(cls, choices: list[str]):
+        _checked(_choice(choices))
+        return choices
+
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_matchable(cls, text: str):
+        return _checked(p.Constraint("lark", grammar.lark_of(text))).source
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [name for name in ("json_", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar and json_object")
+        return self
+
+    def constraint(self) -> p.Constraint:
+        """The constraint, checked as the fields were validated."""
+        if self.json_ is not None or self.json_object:
+            return _json_schema(self.json_ if self.json_ is not None else ANY_JSON_OBJECT)
+        if self.regex is not None:
+            return p.Constraint("regex", self.regex)
+        if self.grammar is not None:
+            return p.Constraint("lark", self.grammar)
+        return _choice(self.choice)
 
 
 class GenerationRequest(Strict):
@@ -117,6 +318,8 @@ class GenerationRequest(Strict):
                           Field(max_length=MAX_BIASED_TOKENS)] | None = None
     # vLLM's extension: each prompt token's logprob, with this many alternatives
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension
 
     @model_validator(mode="after")
     def _prompt_logprobs_are_not_streamed(self):
@@ -125,12 +328,26 @@ class GenerationRequest(Strict):
                          "not available with stream: true (as in vLLM)")
         return self
 
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_way_to_structure(cls, value: StructuredOutputs | None, info: ValidationInfo):
+        response_format = info.data.get("response_format")
+        if value is not None and response_format is not None and response_format.type != "text":
+            raise ValueError("cannot be combined with a response_format other than text")
+        return value
+
     @field_validator("stream_options")
     @classmethod
     def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo):
         if value is not None and not info.data.get("stream"):
             raise ValueError("only allowed when stream is true")
         return value
+
+    def constraint(self) -> p.Constraint | None:
+        """What every choice's output must match, if anything."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        return self.response_format.constraint() if self.response_format else None
 
     @property
     def include_usage(self) -> bool:
@@ -151,7 +368,7 @@ class GenerationRequest(Strict):
             top_k=max(self.top_k or 0, 0),  # the wire says "no limit" with 0 only
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             stop=tuple(s for s in stop if s),  # an empty stop string stops nothing, and the wire refuses it
-            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, constraint=self.constraint(),
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             seed=None if self.seed is None else (self.seed + index) % (SEED_RANGE[1] + 1), **own)
 
@@ -161,7 +378,9 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    parallel_tool_calls: bool = True
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # left out: auto
 
     @field_validator("top_logprobs")
     @classmethod
@@ -170,14 +389,49 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError("needs logprobs set to true")
         return value
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_the_tools(cls, choice, info: ValidationInfo):
+        if choice in (None, "none", "auto"):
+            return choice
+        tools = info.data.get("tools")
+        if not tools:
+            raise ValueError("needs tools to choose from")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"names {choice.function.name!r}, which is not among the tools")
+        response_format = info.data.get("response_format")
+        if info.data.get("structured_outputs") or (response_format and response_format.type != "text"):
+            raise ValueError("a forced tool call cannot be combined with response_format or structured_outputs")
+        _checked(cls._call_constraint(tools, choice, info.data.get("parallel_tool_calls", True)))
+        return choice
+
+    @staticmethod
+    def _call_constraint(tools: list[Tool], choice, parallel: bool) -> p.Constraint:
+        """The grammar of a reply that is calls and nothing else: of the named function, or any."""
+        named = [t for t in tools if choice == "required" or t.function.name == choice.function.name]
+        functions = [(t.function.name, t.function.parameters) for t in named]
+        return p.Constraint("lark", call_grammar(functions, parallel))
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model is offered tools, and its reply read for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def constraint(self) -> p.Constraint | None:
+        if self.calls_tools and self.tool_choice not in (None, "auto"):
+            return self._call_constraint(self.tools, self.tool_choice, self.parallel_tool_calls)
+        return super().constraint()
+
     def choices(self) -> list[dict]:
         messages = [m.wire() for m in self.messages]
+        tools = tuple(t.function.wire() for t in self.tools) if self.calls_tools else ()
         # Left out, max_tokens is the worker's to choose: what the model's context leaves, within a bound.
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         # The choices share their prompt: the first alone scores it.
-        return [{"messages": messages, "params": self.sampling(i, max_tokens=max_tokens, logprobs=logprobs,
-                                                               prompt_logprobs=None if i else self.prompt_logprobs)}
+        return [{"messages": messages, "tools": tools,
+                 "params": self.sampling(i, max_tokens=max_tokens, logprobs=logprobs,
+                                         prompt_logprobs=None if i else self.prompt_logprobs)}
                 for i in range(self.n)]
 
 

@@ -3,13 +3,13 @@
 The engine hands `append()` each sequence's new token (and, where the job asked, its logprobs
 from the sampler); it returns the text that may be sent now and sets `finish_reason` when the
 token ends the sequence: an end-of-sequence token, a stop string (neither before the job's
-min_tokens), or max_tokens. Text stays
-correct across multi-byte characters split over tokens, and a stop string is never sent,
-even split over tokens: a tail that may be its start is held back until it is not. Each
-token's logprob entry leaves (`take_logprobs()`) with the text it made. A prompt's tokens'
-logprobs, where the job asked, leave with the sequence's first output (`take_prompt_logprobs()`),
-each named and placed in the prompt's text. Pure Python over a tokenizer with
-decode(ids) -> str (without special tokens) and token_bytes(id) -> bytes.
+min_tokens), the end of a constrained sequence's grammar (whatever min_tokens and ignore_eos
+say), or max_tokens. Text stays correct across multi-byte characters split over tokens, and a
+stop string is never sent, even split over tokens: a tail that may be its start is held back
+until it is not. Each token's logprob entry leaves (`take_logprobs()`) with the text it made.
+A prompt's tokens' logprobs, where the job asked, leave with the sequence's first output
+(`take_prompt_logprobs()`), each named and placed in the prompt's text. Pure Python over a
+tokenizer with decode(ids) -> str (without special tokens) and token_bytes(id) -> bytes.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class Detokenizer:
     def append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> str:
         """Add one sampled token to `seq`; the text that may be sent now."""
         seq.output_ids.append(token)  # counted in usage even when it ends the sequence, as vLLM does
+        complete = seq.grammar is not None and seq.grammar.advance(token)
         may_stop = len(seq.output_ids) > seq.params.min_tokens
-        if token in self.stop_token_ids and not seq.params.ignore_eos and may_stop:
+        if token in self.stop_token_ids and (complete or not seq.params.ignore_eos and may_stop):
             return self._finish(seq, "stop")
         start = len(seq.text)
         seq.text += self._new_text(seq)
@@ -59,6 +60,8 @@ class Detokenizer:
         stop_at = _find_stop(seq) if may_stop else -1
         if stop_at >= 0:
             seq.text = seq.text[:stop_at]
+            return self._finish(seq, "stop")
+        if complete:
             return self._finish(seq, "stop")
         if len(seq.output_ids) >= seq.max_tokens:
             return self._finish(seq, "length")

@@ -23,7 +23,8 @@ from zmqchat.engine.detokenizer import Detokenizer
 from zmqchat.engine.embedding import EMBED_BYTES_PER_STEP, EmbedJob, packed, take_inputs
 from zmqchat.engine.scheduler import Batch, Scheduler
 from zmqchat.engine.sequence import Sequence, resolve
-from zmqchat.protocol import TASKS, ChatMessage, ErrorCode, JobError, Output, Submit, Usage
+from zmqchat.grammar import Matcher
+from zmqchat.protocol import TASKS, ChatMessage, Constraint, ErrorCode, Function, JobError, Output, Submit, Usage
 
 PROMPTS_REMEMBERED = 8  # tokenised prompts kept, for the choices of one request that follow each other
 
@@ -40,10 +41,13 @@ class Runner(Protocol):
     max_token_chars: int | None  # characters of the vocabulary's longest token (None: no bound)
     embedding_size: int  # values in one of its embeddings
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]: ...
+    def encode_chat(self, messages: list[ChatMessage], functions: tuple[Function, ...] = ()) -> list[int]: ...
     def encode_text(self, text: str) -> list[int]: ...
     def decode(self, token_ids: list[int]) -> str: ...
     def token_bytes(self, token_id: int) -> bytes: ...
+
+    def constrain(self, constraint: Constraint) -> Matcher:
+        """A matcher of `constraint` over this model's tokens, or a JobError."""
 
     def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
         """Each sequence's next token and its logprobs (None where not asked), in batch order.
@@ -93,6 +97,8 @@ class Engine:
                            f"logit_bias names a token id outside the vocabulary [0, {self.runner.vocab_size})")
         prompt_ids, prompt_text = self._encode(job)
         seq = Sequence(job.id, prompt_ids, params, self._max_tokens(len(prompt_ids), params.max_tokens), job)
+        if params.constraint is not None:  # compiled here, off the engine thread
+            seq.grammar = self.runner.constrain(params.constraint)
         if params.echo and prompt_text is not None:  # token ids are decoded for echo by add(), on the engine thread
             seq.pending_echo, seq.echo_length = prompt_text, len(prompt_text)
         if not self.scheduler.fits_alone(seq):
@@ -118,8 +124,9 @@ class Engine:
     def _encode(self, job: Submit) -> tuple[list[int], str | None]:
         """The job's prompt tokens, and its text where the client gave text."""
         if job.messages is not None:
-            self._check_length(sum(len(m.content) for m in job.messages))
-            ids, text = self._encoded(tuple((m.role, m.content) for m in job.messages)), None
+            self._check_length(sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in job.messages)
+                               + sum(len(f.description) + len(f.parameters) for f in job.tools))
+            ids, text = self._encoded(tuple(job.messages), job.tools), None
         elif isinstance(job.prompt, str):
             self._check_length(len(job.prompt))
             ids, text = self._encoded(job.prompt), job.prompt
@@ -134,12 +141,12 @@ class Engine:
         return list(ids), text
 
     @functools.lru_cache(maxsize=PROMPTS_REMEMBERED)
-    def _encoded(self, prompt: str | tuple[tuple[str, str], ...]) -> tuple[int, ...]:
+    def _encoded(self, prompt: str | tuple[ChatMessage, ...], functions: tuple[Function, ...] = ()) -> tuple[int, ...]:
         """A prompt's tokens, remembered: the n choices of a request arrive as n jobs with one
         prompt, which is tokenised once."""
         if isinstance(prompt, str):
             return tuple(self.runner.encode_text(prompt))
-        return tuple(self.runner.encode_chat([ChatMessage(role, content) for role, content in prompt]))
+        return tuple(self.runner.encode_chat(list(prompt), functions))
 
     def _check_length(self, characters: int, what: str = "the prompt", param: str = "") -> None:
         """Refuse, before tokenising it, a prompt longer than the context window could hold

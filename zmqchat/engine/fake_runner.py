@@ -6,8 +6,9 @@ word per step and then end-of-sequence, taking `delay` seconds a step whatever t
 it reads gets the next id. Its logprobs are certain: 0 for the word it says (and for each
 word of a prompt that asks for its logprobs, rank 1), the floor for the alternatives it lists
 after it. Its embedding of an input counts its words, each word one of EMBEDDING_SIZE
-values chosen by its id, scaled to unit length. It keeps each batch row's answer as a model keeps a KV
-cache row, following the scheduler's Batch.
+values chosen by its id, scaled to unit length. It keeps each batch row's answer as a model
+keeps a KV cache row, following the scheduler's Batch. It refuses a job with a constraint
+(structured output): its words are no tokenizer that a grammar can match.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from zmqchat.engine.detokenizer import LOGPROB_FLOOR
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
-from zmqchat.protocol import MAX_SLOTS, ChatMessage, ErrorCode, JobError
+from zmqchat.protocol import MAX_SLOTS, ChatMessage, Constraint, ErrorCode, JobError
 
 EOS = 0
 EMBEDDING_SIZE = 8
@@ -54,8 +55,8 @@ class FakeRunner:
             ids.append(self.ids[word])
         return ids
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        """Every word of every message."""
+    def encode_chat(self, messages: list[ChatMessage], functions=()) -> list[int]:
+        """Every word of every message (the tools offered are not read)."""
         prompt = [self._tokenize(m.content) for m in messages]
         if not any(prompt):
             raise JobError(ErrorCode.INVALID_REQUEST, "the conversation has no text")
@@ -70,6 +71,11 @@ class FakeRunner:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.words[token_id].encode()
+
+    def constrain(self, constraint: Constraint):
+        raise JobError(ErrorCode.INVALID_REQUEST, "the fake engine cannot constrain its output (response_format, "
+                                                  "structured_outputs, tool_choice required or named): its words "
+                                                  "are no tokenizer a grammar can match")
 
     # -- the "model" ----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import json
 import os
 import re
 from functools import cached_property
@@ -40,8 +41,10 @@ from zmqchat.config import MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
 from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
+from zmqchat.grammar import Grammars, Matcher
 from zmqchat.models import LoadedModel, cache_argument
-from zmqchat.protocol import ChatMessage, ErrorCode, JobError
+from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError
+from zmqchat.tools import fallback_conversation
 
 # End-of-turn markers of common chat templates; any that is a single token ends a sequence.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -91,14 +94,23 @@ class HFRunner:
         ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
         return ids
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+    def encode_chat(self, messages: list[ChatMessage], functions: tuple[Function, ...] = ()) -> list[int]:
+        conversation = [_template_message(m) for m in messages]
+        tools = [{"type": "function", "function": _function_dict(f)} for f in functions]
+        if not self.renders_tools:  # zmqchat/tools.py: the tools, calls and results in Hermes' words
+            conversation, tools = fallback_conversation(conversation, [t["function"] for t in tools]), []
         try:
-            text = self.encoder.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = self.encoder.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
+                                                    tokenize=False)
         except Exception as exc:  # jinja raises for conversations a template forbids
             raise JobError(ErrorCode.INVALID_REQUEST,
                            f"the model's chat template refused the messages: {exc}") from None
         return self.encoder(text, add_special_tokens=False).input_ids
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders tools itself (it reads `tools`)."""
+        return "tools" in (self.tokenizer.chat_template or "")
 
     def encode_text(self, text: str) -> list[int]:
         return self.encoder(text).input_ids  # with the BOS token, where the model wants one
@@ -120,6 +132,14 @@ class HFRunner:
         if fallback := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
             return bytes([int(fallback.group(1), 16)])
         return self.tokenizer.decode([token_id]).encode()
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Built on first use (about half a second), by the preparing thread: from its own tokenizer."""
+        return Grammars(self.encoder, self.model.config.vocab_size, self.stop_token_ids)
+
+    def constrain(self, constraint: Constraint) -> Matcher:
+        return self.grammars.matcher(constraint)
 
     def _shared_preamble(self) -> list[int]:
         """The tokens every conversation opening with a user message starts with (a chat
@@ -257,6 +277,25 @@ class HFRunner:
             layer.keys = layer.keys[index, :, trim:]
             layer.values = layer.values[index, :, trim:]
         self.mask = self.mask[index, trim:]
+
+
+def _template_message(message: ChatMessage) -> dict:
+    """A message as chat templates read it: a call's arguments as a dict (Llama's and Qwen's
+    templates write them out themselves), a tool's result with the id of its call."""
+    turn = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = [{"id": c.id, "type": "function",
+                               "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                              for c in message.tool_calls]
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _function_dict(function: Function) -> dict:
+    described = {"name": function.name, "description": function.description} if function.description \
+        else {"name": function.name}
+    return {**described, "parameters": json.loads(function.parameters) if function.parameters else {}}
 
 
 def _pad_left(tensor, width: int):

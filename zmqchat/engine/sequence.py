@@ -11,11 +11,15 @@ leave with that text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from zmqchat.engine.detokenizer import DETOKENIZER_CONTEXT, PromptLogprobs
 from zmqchat.protocol import SamplingParams, Submit, TokenLogprob
+
+if TYPE_CHECKING:
+    from zmqchat.grammar import Matcher
 
 
 def resolve(params: SamplingParams, defaults: dict) -> SamplingParams:
@@ -35,6 +39,7 @@ class Sequence:
     params: SamplingParams  # resolved: temperature and top_p are numbers
     max_tokens: int
     job: Submit | None = None  # what the client sent (the fake runner answers its last user message)
+    grammar: Matcher | None = None  # where a constrained sequence is in its grammar (zmqchat/grammar.py)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0  # of the prompt, whose KV the runner reused (set at prefill)
@@ -60,6 +65,11 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None
+
+    @property
+    def must_go_on(self) -> bool:
+        """Short of its min_tokens, it may not end; a grammar decides that alone."""
+        return len(self.output_ids) < self.params.min_tokens and self.grammar is None
 
     @property
     def reserved_tokens(self) -> int:
