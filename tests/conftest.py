@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import openai
 import pytest
 import zmq
 
@@ -154,6 +155,17 @@ def serve_default_model(cluster: Cluster) -> str:
              "serve to load the default model")
     assert serve.process.poll() is None, serve.output()
     return f"http://127.0.0.1:{port}"
+
+
+def assert_each_refused_naming_its_param(request, cases: dict[str, dict]) -> None:
+    """`request(**options)` is a 400 naming `param`, for each param and options of `cases`."""
+    for param, options in cases.items():
+        try:
+            request(**options)
+        except openai.BadRequestError as error:
+            assert error.param == param and param.split(".")[0] in error.message
+        else:
+            pytest.fail(f"accepted {options}, which should be a 400 naming {param}")
 
 
 def chat(model: str = "fake", content: str = "hello there world", **extra) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import Cluster, wait_for
+from conftest import Cluster, assert_each_refused_naming_its_param, wait_for
 
 from zmqchat.api.responses_api import ResponseStore, StoredResponse
 from zmqchat.api.schemas import ChatMessage
@@ -132,17 +132,15 @@ def test_unsupported_parameters_and_inputs_get_a_400_that_names_them(client):
     cases = {
         "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
         "reasoning": {"reasoning": {"effort": "low"}},
-        "text.format.type": {"text": {"format": {"type": "json_object"}}},
+        "text.format.type": {"text": {"format": {"type": "xml"}}},
+        "text.format.schema": {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
         "input.0.content.0.type": {"input": [{"role": "user", "content": [
             {"type": "input_image", "image_url": "http://example.com/cat.png"}]}]},
         "input.0": {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
         "input.0.role": {"input": [{"role": "tool", "content": "x"}]},
         "temperature": {"temperature": 3},
     }
-    for param, options in cases.items():
-        with pytest.raises(openai.BadRequestError) as info:
-            respond(client, **options)
-        assert info.value.param == param and param.split(".")[0] in info.value.message
+    assert_each_refused_naming_its_param(lambda **options: respond(client, **options), cases)
 
 
 def test_a_stream_that_fails_mid_way_ends_with_response_failed(tmp_path):
@@ -186,3 +184,10 @@ def test_a_store_of_size_zero_keeps_nothing():
     store = ResponseStore(0)
     store.put("a", stored("a"))
     assert store.get("a") is None
+
+
+def test_a_text_format_reaches_the_worker_as_a_constraint(client):
+    """The fake engine refuses any constraint: that refusal is the proof it got one."""
+    for text_format in ({"type": "json_object"}, {"type": "json_schema", "name": "o", "schema": {"type": "object"}}):
+        with pytest.raises(openai.BadRequestError, match="fake engine cannot constrain"):
+            respond(client, text={"format": text_format})

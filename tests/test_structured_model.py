@@ -151,3 +151,11 @@ def test_a_conversation_with_a_tool_result_is_answered(client):
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 24, "sky": "sunny"}'},
     ])
     assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_responses_api_keeps_a_json_schema_too(client):
+    response = client.responses.create(model=DEFAULT_MODEL_NAME, input=PROMPTS[0], temperature=1.0,
+                                       max_output_tokens=100, text={"format": {
+                                           "type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
+    assert response.status == "completed" and response.text.format.type == "json_schema"
+    jsonschema.validate(json.loads(response.output_text), PERSON)

@@ -18,8 +18,8 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from zmqchat.api.responses import Completion
-from zmqchat.api.schemas import (ChatCompletionRequest, ChatMessage, Count, ModelName, ResponseFormat, Strict,
-                                 Temperature, Text, TopP)
+from zmqchat.api.schemas import (ChatCompletionRequest, ChatMessage, Count, JSONSchemaFormat, ModelName,
+                                 ResponseFormat, Strict, Temperature, Text, TopP)
 from zmqchat.client import BrokerError, Stream
 from zmqchat.metrics import RequestMetrics
 from zmqchat.protocol import MAX_ID, Output, TokenLogprob
@@ -59,8 +59,29 @@ class InputMessage(Strict):
         return ChatMessage(role=self.role, content=text)
 
 
+class TextFormat(Strict):
+    """`text.format`: chat's response_format, with a JSON schema's fields at the top."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _a_response_format(self):
+        self.response_format()  # checks it: a schema the grammar engine cannot enforce is a 400
+        return self
+
+    def response_format(self) -> ResponseFormat:
+        if self.type != "json_schema":
+            return ResponseFormat(type=self.type)
+        return ResponseFormat(type="json_schema", json_schema=JSONSchemaFormat(
+            name=self.name or "", description=self.description, schema=self.schema_, strict=self.strict))
+
+
 class TextConfig(Strict):
-    format: ResponseFormat  # plain text only, as chat's response_format
+    format: TextFormat
 
 
 class ResponsesRequest(Strict):
@@ -89,7 +110,8 @@ class ResponsesRequest(Strict):
         instructions = (ChatMessage(role="system", content=self.instructions),) if self.instructions else ()
         return ChatCompletionRequest(model=self.model, messages=[*instructions, *history, *self.messages()],
                                      max_tokens=self.max_output_tokens, temperature=self.temperature,
-                                     top_p=self.top_p, stream=self.stream, user=self.user)
+                                     top_p=self.top_p, stream=self.stream, user=self.user,
+                                     response_format=self.text.format.response_format() if self.text else None)
 
 
 @dataclass(frozen=True)
@@ -166,7 +188,8 @@ class ResponsesCompletion(Completion):
                 "max_output_tokens": asked.max_output_tokens, "model": asked.model, "output": output,
                 "parallel_tool_calls": False, "previous_response_id": asked.previous_response_id,
                 "store": asked.store, "temperature": asked.temperature, "top_p": asked.top_p,
-                "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "truncation": "disabled",
+                "text": {"format": asked.text.format.model_dump(by_alias=True, exclude_none=True) if asked.text
+                         else {"type": "text"}}, "tool_choice": "none", "tools": [], "truncation": "disabled",
                 "usage": usage, "user": asked.user, "metadata": asked.metadata or {}}
 
     def _message(self, status: str, content: list[dict]) -> dict:
