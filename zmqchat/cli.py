@@ -29,8 +29,8 @@ device_option = click.option("--device", default="auto", show_default=True,
 dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
                             default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
 quantize_option = click.option("--quantize", type=click.Choice(c.QUANTIZE_METHODS), default="none",
-                               show_default=True, help="Linear weights in 8 bits (fastest at many streams) or "
-                               "4 bits (fewest bytes per step); CPU only.")
+                               show_default=True, help="Linear weights in 8 bits (weights and activations) or "
+                               "4 bits (weights in groups of 32); CPU only. See README, Performance.")
 max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=None,
                                 help="Sequences a worker runs at once (its slots) [default: as many as "
                                 f"its KV memory holds at {c.SLOT_TOKENS} tokens each, at most "

@@ -1,16 +1,18 @@
 """Lighter weights for a loaded model's Linear layers: `--quantize int8` or `int4`.
 
 A decode step of a small model reads every weight once per step, so fewer bytes per weight
-and integer matmul kernels are the levers on a CPU (issue 14 measured them on the default model):
+and integer matmul kernels are the levers on a CPU:
 
 - int8: PyTorch's dynamic quantisation (int8 weights, activations quantised per step, fbgemm
-  kernels using VNNI). Fastest at many streams: about 2.6x float32 at batch 16. CPU only.
+  kernels using VNNI). The bare decode loop measured 1.5x float32 at batch 16 on the default
+  model; activations are quantised per tensor, across the whole batch. CPU only.
 - int4: groupwise 4-bit weights (a scale and a minimum per 32 weights, as GGUF's Q4_1, so the
   embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
-  its one fast path, which is where int4 departs from float32. CPU only here:
-  CUDA's int4pack layout differs and is not tested yet, so it is refused rather than guessed.
+  its one fast path, which is where int4 departs from float32. CPU only here: CUDA's int4pack
+  layout differs and is not tested yet, so it is refused rather than guessed.
 
+README (Performance) has the served and bare figures and each format's greedy agreement.
 Layers whose shape the kernel cannot take stay as they are.
 """
 
