@@ -35,7 +35,7 @@ def client(module_cluster):
 
 def ask(client, content: str, **options):
     return client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": content}],
-                                          max_tokens=100, **options)
+                                          **{"max_tokens": 100, **options})
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -119,6 +119,15 @@ def test_a_named_tool_call_is_always_well_formed(client):
         reply = ask(client, "What should I wear in Paris today?", temperature=1.0, seed=seed, tools=TOOLS,
                     tool_choice=NAMED, parallel_tool_calls=False)
         assert len(assert_well_formed(reply)) == 1
+
+
+def test_forced_calls_cut_by_max_tokens_keep_those_made_whole(client):
+    """The tiny model repeats its call when parallel calls are allowed; max_tokens cuts the last."""
+    reply = ask(client, "Weather in Paris?", temperature=0, tools=TOOLS, tool_choice=NAMED, max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls, choice.message
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
 def test_required_calls_one_of_the_tools(client):

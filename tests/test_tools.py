@@ -21,6 +21,9 @@ ROME = Call("get_weather", '{"city": "Rome"}')
                '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>', "Sure.", [PARIS, ROME]),
     ("hermes", '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}', "", [PARIS]),  # unclosed, args as text
     ("hermes", "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+               '<tool_call>{"name": "get_weather", "argum', "", [PARIS]),  # cut inside its second call
+    ("hermes", '<tool_call>{"name": "get_weather", "argum', '<tool_call>{"name": "get_weather", "argum', []),
     ("hermes", "no call here", "no call here", []),
     ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [PARIS]),
     ("llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '

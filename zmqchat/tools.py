@@ -77,6 +77,8 @@ class HermesParser:
             except ValueError:
                 call = None
             if call is None:
+                if calls and not match.group(0).endswith(self.CLOSE):
+                    break  # a reply cut by max_tokens inside its last call keeps the calls before it
                 return text.strip(), []
             calls.append(call)
         return self.CALL.sub("", text).strip(), calls
