@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from zmqchat import models
+
 PROMPTS = [
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
@@ -204,17 +206,14 @@ def format_table(reports: list[LevelReport]) -> str:
     return "\n".join(lines) + "\n(latencies in ms)"
 
 
-def measure_ceiling(model_path: str | None, batch: int, max_tokens: int, device: str = "auto",
-                    quantize: str = "none") -> dict:
-    """What the bare model does with no serving around it: the mean prefill time of one
-    prompt (the floor for time to first token) and a plain batched greedy decode loop at
-    `batch` over the same prompts (the ceiling for output tokens/s), with each row's tokens."""
+def measure_ceiling(loaded, batch: int, max_tokens: int) -> dict:
+    """What the bare model (`loaded`, a models.LoadedModel) does with no serving around it: the
+    mean prefill time of one prompt (the floor for time to first token) and a plain batched
+    greedy decode loop at `batch` over the same prompts (the ceiling for output tokens/s), with
+    each row's tokens."""
     import torch
     from transformers import DynamicCache
 
-    from zmqchat import models
-
-    loaded = models.load(model_path, device=device, quantize=quantize)
     model, tokenizer, dev = loaded.model, loaded.tokenizer, loaded.device
     cache_arg = models.cache_argument(model)
     prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -265,7 +264,8 @@ def compare_weights(model_path: str | None, formats: list[str], batches: list[in
     `max_tokens` tokens are identical, and the mean length of the identical prefix)."""
     rows, reference = [], None
     for weights in formats:
-        runs = {batch: measure_ceiling(model_path, batch, max_tokens, device, weights)
+        loaded = models.load(model_path, device=device, quantize=weights)  # once per format
+        runs = {batch: measure_ceiling(loaded, batch, max_tokens)
                 for batch in sorted(set(batches) | {len(PROMPTS)})}
         answers = runs[len(PROMPTS)]["tokens"]
         reference = reference or answers
@@ -304,8 +304,8 @@ def run(config: BenchConfig) -> dict:
     if config.ceiling:
         batch = max(config.concurrency)
         print(f"bare model: prefill and batched decode at batch {batch}...", flush=True)
-        ceiling = result["ceiling"] = measure_ceiling(config.ceiling_model, batch, config.max_tokens,
-                                                      config.ceiling_device)
+        loaded = models.load(config.ceiling_model, device=config.ceiling_device)
+        ceiling = result["ceiling"] = measure_ceiling(loaded, batch, config.max_tokens)
         print(f"bare model {ceiling['model']} on {ceiling['device']}: prefill {ceiling['prefill_ms_mean']:.0f} ms "
               f"per prompt; decode at batch {batch}: {ceiling['decode_step_ms']:.0f} ms/step, "
               f"{ceiling['decode_tokens_per_s']:.1f} tokens/s")

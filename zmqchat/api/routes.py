@@ -16,7 +16,6 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request
