@@ -111,7 +111,7 @@ class Engine:
         """A prepared sequence joins the queue for the batch; an embedding job, its own."""
         if len(self.scheduler) + len(self.embed_jobs) >= self.slots:
             raise JobError(ErrorCode.OVERLOADED, "the worker has no free slot")
-        if seq.id in self.job_ids():
+        if self.scheduler.get(seq.id) is not None or seq.id in self.embed_jobs:
             raise JobError(ErrorCode.INVALID_REQUEST, f"request id {seq.id} is already running")
         if isinstance(seq, EmbedJob):
             self.embed_jobs[seq.id] = seq
