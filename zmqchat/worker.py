@@ -34,11 +34,11 @@ import uuid
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from zmqchat import models
 from zmqchat import protocol as p
 from zmqchat.config import SLOTS, WorkerConfig
 from zmqchat.curve import describe, secure_client
 from zmqchat.engine import Engine
-from zmqchat.models import LoadError
 from zmqchat.protocol import ErrorCode, JobError
 
 log = logging.getLogger("zmqchat.worker")
@@ -360,7 +360,6 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
 
         runner = FakeRunner(config.model_name or "fake", config.fake_delay)
         return Engine(runner, config.max_batch or SLOTS, config.tasks), "fake"
-    from zmqchat import models
     from zmqchat.engine import HFRunner
     from zmqchat.engine.model_runner import slots_from_memory
 
@@ -374,7 +373,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
 def run(config: WorkerConfig) -> None:
     try:
         engine, device = build_engine(config)
-    except LoadError as exc:
+    except models.LoadError as exc:
         log.error("cannot serve the model: %s", exc)
         raise SystemExit(2) from None
     worker = Worker(config, engine, device)
