@@ -10,6 +10,7 @@ import openai
 import pytest
 from conftest import serve_default_model
 
+from zmqchat.config import BLOCK_SIZE
 from zmqchat.models import DEFAULT_MODEL_NAME
 
 pytestmark = pytest.mark.model  # every test here runs the real default model
@@ -72,10 +73,14 @@ def test_min_tokens_keeps_a_short_answer_going(client):
     assert longer.usage.completion_tokens >= 20
 
 
-def test_the_shared_preamble_is_reported_as_cached_tokens(client):
-    reply = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=2)
-    cached = reply.usage.prompt_tokens_details.cached_tokens
-    assert 0 < cached < reply.usage.prompt_tokens  # the chat template's system prompt, not the question
+def test_a_conversations_next_turn_is_prefilled_from_the_cache_of_its_history(client):
+    first = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=40)
+    history = QUESTION + [{"role": "assistant", "content": first.choices[0].message.content},
+                          {"role": "user", "content": "And of Italy?"}]
+    second = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=history, temperature=0, max_tokens=2)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # Every full block of the first turn's prompt and reply: all of its prompt but a last partial block.
+    assert first.usage.prompt_tokens - BLOCK_SIZE < cached < second.usage.prompt_tokens
 
 
 def test_max_tokens_cuts_the_reply(client):

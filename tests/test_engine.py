@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zmqchat.config import DEFAULT_MAX_TOKENS
+from zmqchat.config import BLOCK_SIZE, DEFAULT_MAX_TOKENS
 from zmqchat.engine import Engine, FakeRunner
 from zmqchat.protocol import (Alternative, ChatMessage, Constraint, Embed, ErrorCode, JobError, Output, SamplingParams,
                               Submit, Usage)
@@ -38,9 +38,9 @@ def collect(results: dict[str, dict], outputs: list[Output]) -> None:
             r.update(reason=out.finish, usage=(out.usage.prompt_tokens, out.usage.completion_tokens))
 
 
-def run_to_end(engine: Engine, max_steps: int = 500) -> dict[str, dict]:
-    """Step until idle; what each sequence produced."""
-    results: dict[str, dict] = {}
+def run_to_end(engine: Engine, max_steps: int = 500, results: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Step until idle; what each sequence produced (added to `results`)."""
+    results = {} if results is None else results
     for _ in range(max_steps):
         if not engine.has_work:
             return results
@@ -135,7 +135,7 @@ def test_cancel_removes_the_sequence_and_confirms(fake):
 
 def test_a_waiting_sequence_can_be_cancelled():
     runner = FakeRunner()
-    runner.token_budget = 10  # one job of 2 + 4 tokens fits; two, padded to 2 x 6, do not
+    runner.token_budget = BLOCK_SIZE  # one block: a job of 2 + 4 tokens fits; two do not
     engine = Engine(runner)
     submit(engine, job("run", "a b", max_tokens=4))
     submit(engine, job("wait", "c d", max_tokens=4))
@@ -163,9 +163,9 @@ def test_prompt_plus_max_tokens_beyond_the_window_is_refused_with_the_numbers():
 
 def test_a_job_over_the_token_budget_is_refused():
     runner = FakeRunner()
-    runner.token_budget = 8
-    error = refused(Engine(runner), job("big", "one two three", max_tokens=6))
-    assert error.code == ErrorCode.INVALID_REQUEST and "8 tokens in flight" in error.message
+    runner.token_budget = BLOCK_SIZE
+    error = refused(Engine(runner), job("big", "one two three", max_tokens=BLOCK_SIZE - 2))
+    assert error.code == ErrorCode.INVALID_REQUEST and f"KV cache holds ({BLOCK_SIZE} tokens)" in error.message
 
 
 def test_logprobs_leave_with_their_text_and_never_for_a_stop_string(fake):
@@ -420,7 +420,7 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
         collect(results, smol.step())
     assert max(batch_sizes) >= 3  # they really shared forward passes
     assert tokens == tokens_alone and results == alone
-    assert smol.runner.cache is None and smol.runner.generators == []  # everything left the batch
+    assert smol.scheduler.blocks.in_use == 0  # everything left the cache
 
 
 @pytest.mark.model
@@ -428,12 +428,14 @@ def test_cancelled_sequence_leaves_the_batch_at_the_next_step(smol):
     submit(smol, job("stay", "Tell me a long story.", temperature=0, max_tokens=30))
     submit(smol, job("go", "Tell me another long story.", temperature=0, max_tokens=30))
     smol.step()
-    assert smol.runner.mask.shape[0] == 2
-    smol.cancel("go")
+    stay = smol.scheduler.get("stay")
+    assert len(smol.scheduler.running) == 2
+    smol.cancel("go")  # its blocks are free at once
+    assert smol.scheduler.blocks.in_use == len(stay.blocks)
     smol.step()
-    assert smol.job_ids() == ["stay"] and smol.runner.cache.layers[0].keys.shape[0] == 1
-    smol.cancel("stay")  # the last one: the cache goes at once, with no step to come
-    assert smol.runner.cache is None and smol.runner.mask is None
+    assert smol.job_ids() == ["stay"] and len(stay.output_ids) == 2
+    smol.cancel("stay")
+    assert smol.scheduler.blocks.in_use == 0
 
 
 @pytest.mark.model
@@ -442,10 +444,14 @@ def test_batched_greedy_output_matches_transformers_generate(smol):
 
     runner = smol.runner
     prompts = ["What is the capital of France?", "Name a fruit.", "Write one word about the sea.", "用中文说你好"]
-    assert runner.preamble  # the shared preamble's KV is reused: this test covers that path too
+    submit(smol, job("first", "Hello", max_tokens=1))
+    run_to_end(smol)  # the chat template's preamble is cached now: this test covers reusing it too
     for i, prompt in enumerate(prompts):
         submit(smol, job(f"p{i}", prompt, temperature=0, max_tokens=16))
-    batched = run_to_end(smol)
+    batched: dict[str, dict] = {}
+    collect(batched, smol.step())
+    assert all(smol.scheduler.get(f"p{i}").cached_tokens > 0 for i in range(len(prompts)))
+    run_to_end(smol, results=batched)
     for i, prompt in enumerate(prompts):
         ids = runner.encode_chat([ChatMessage("user", prompt)])
         with torch.inference_mode():
@@ -525,14 +531,12 @@ def direct_logprobs(engine: Engine, ids: list[int]) -> list[float]:
 
 
 @pytest.mark.model
-def test_default_model_prompt_logprobs_are_its_own_preamble_included_and_in_any_batch(smol, monkeypatch):
-    from zmqchat.engine import model_runner
-
+def test_default_model_prompt_logprobs_are_its_own_preamble_included_and_in_any_batch(smol):
     submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
     alone = run_to_end(smol)["plain"]["text"]
     # The chat's prompt starts with the template's preamble, whose cached KV would hold no logits:
-    # the scoring sequence computes it afresh, in chunks of 3 positions here, beside one that reuses it.
-    monkeypatch.setattr(model_runner, "PROMPT_LOGIT_ROWS", 6)
+    # the scoring sequence computes it afresh, in chunks of one block, beside one that reuses it.
+    smol.scheduler.step_tokens = 1
     submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
     submit(smol, job("scored", "Name a colour.", temperature=0, max_tokens=2, prompt_logprobs=2))
     outputs = [o for _ in range(8) for o in smol.step()]

@@ -37,7 +37,13 @@ NO_WORKER_GRACE = 15.0
 
 SLOTS = 16  # sequences a fake worker runs at once; a model's follow from its KV memory:
 MAX_SLOTS_FROM_MEMORY = 256  # at most this many (vLLM's max_num_seqs default),
-SLOT_TOKENS = 2048  # each with room for this many tokens of KV cache (a prompt and a default reply)
+SLOT_TOKENS = 1024  # each with room for this many tokens of KV cache (a prompt and a reply)
+BLOCK_SIZE = 16  # tokens per block of the paged KV cache (vLLM's default)
+CPU_KV_CACHE_BYTES = 4 * 1024**3  # a CPU worker's KV cache at most, as vLLM's CPU backend's default
+# Tokens one step runs at most (vLLM's max_num_batched_tokens): each decoding sequence's one, and
+# chunks of prompts in the rest. A long prompt is prefilled this many tokens a step, so no stream
+# waits longer between two tokens than such a step takes.
+STEP_TOKENS = 256
 QUANTIZE_METHODS = ("none", "int8", "int4")  # weight formats a worker may serve (quantize.py)
 DEFAULT_MAX_TOKENS = 1024  # for a chat that sets no max_tokens: a bound, not a whole context window
 COMPLETION_MAX_TOKENS = 16  # for a completion that sets none, as OpenAI's legacy endpoint

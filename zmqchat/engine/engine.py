@@ -18,9 +18,10 @@ from __future__ import annotations
 import functools
 from typing import Protocol
 
-from zmqchat.config import DEFAULT_MAX_TOKENS, SLOTS
+from zmqchat.config import DEFAULT_MAX_TOKENS, SLOTS, STEP_TOKENS
 from zmqchat.engine.detokenizer import Detokenizer
 from zmqchat.engine.embedding import EMBED_BYTES_PER_STEP, EmbedJob, packed, take_inputs
+from zmqchat.engine.kv_cache import BlockManager
 from zmqchat.engine.scheduler import Batch, Scheduler
 from zmqchat.engine.sequence import Sequence, resolve
 from zmqchat.grammar import Matcher
@@ -34,7 +35,8 @@ class Runner(Protocol):
 
     model_name: str
     context_window: int  # tokens of prompt and output the model can hold
-    token_budget: int  # tokens of KV cache the batch may fill at most
+    num_blocks: int  # blocks of its KV cache (kv_cache.py)
+    block_size: int  # tokens per block
     vocab_size: int  # token ids in a prompt must be below this
     stop_token_ids: set[int]
     sampling_defaults: dict  # the model's own temperature and top_p, if it has them
@@ -50,8 +52,9 @@ class Runner(Protocol):
         """A matcher of `constraint` over this model's tokens, or a JobError."""
 
     def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
-        """Each sequence's next token and its logprobs (None where not asked), in batch order.
-        A new sequence that wants its prompt's logprobs gets them in `seq.prompt_logprobs`."""
+        """The next token and its logprobs (None where not asked) of each of `batch.sequences`,
+        in order. A sequence that wants its prompt's logprobs gets them in `seq.prompt_logprobs`
+        by the time its prompt is done."""
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Each input's embedding, of unit length; an input's is the same in any batch."""
@@ -62,7 +65,8 @@ class Engine:
         self.runner = runner
         self.slots = slots
         self.tasks = tasks  # what it takes jobs for: generate, embed
-        self.scheduler: Scheduler[Sequence] = Scheduler(slots, runner.token_budget)
+        self.scheduler: Scheduler[Sequence] = Scheduler(slots, BlockManager(runner.num_blocks, runner.block_size),
+                                                        STEP_TOKENS)
         self.detokenizer = Detokenizer(runner, runner.stop_token_ids)
         self.embed_jobs: dict[str, EmbedJob] = {}  # in arrival order
         # Vectors one step may send: a frame holds so many, whatever the model's size.
@@ -104,7 +108,7 @@ class Engine:
         if not self.scheduler.fits_alone(seq):
             raise JobError(ErrorCode.INVALID_REQUEST,
                            f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({seq.max_tokens}) is more than "
-                           f"this worker's {self.scheduler.max_tokens} tokens in flight; ask for fewer max_tokens")
+                           f"this worker's KV cache holds ({self.scheduler.max_tokens} tokens); ask for fewer max_tokens")
         return seq
 
     def add(self, seq: Sequence | EmbedJob) -> None:
@@ -210,21 +214,18 @@ class Engine:
             return None
         seq.finish_reason = "cancelled"
         self.scheduler.remove(seq)
-        self._release_if_idle()
         return self._output(seq, "")
 
     def step(self) -> list[Output]:
-        outputs = self._generate() + self._embed()
-        self._release_if_idle()
-        return outputs
+        return self._generate() + self._embed()
 
     def _generate(self) -> list[Output]:
-        """One step of the running sequences: a token each."""
+        """One step of the running sequences: a token for each that decodes, or finishes its prompt."""
         batch = self.scheduler.schedule()
-        if not batch.sequences:
-            return []
+        tokens, logprobs = self.runner.run(batch)
+        self.scheduler.computed(batch)
         outputs = []
-        for seq, token, logprobs in zip(batch.sequences, *self.runner.run(batch)):
+        for seq, token, logprobs in zip(batch.sequences, tokens, logprobs):
             if seq.max_tokens == 0:  # it only scores its prompt: the token is not its to keep
                 seq.finish_reason, delta = "length", ""
             else:
@@ -254,12 +255,6 @@ class Engine:
             else:
                 outputs.append(Output(job.id, embeddings=embeddings))
         return outputs
-
-    def _release_if_idle(self) -> None:
-        """With no sequence left to run, the runner gets the empty batch now, to free its cache,
-        rather than at a next step that an idle worker does not take."""
-        if not len(self.scheduler) and self.scheduler.rows:
-            self.runner.run(self.scheduler.schedule())
 
     def _output(self, seq: Sequence, text: str) -> Output:
         """`seq`'s output of `text`, with (and handing out) the logprobs that go with it, the

@@ -6,8 +6,8 @@ word per step and then end-of-sequence, taking `delay` seconds a step whatever t
 it reads gets the next id. Its logprobs are certain: 0 for the word it says (and for each
 word of a prompt that asks for its logprobs, rank 1), the floor for the alternatives it lists
 after it. Its embedding of an input counts its words, each word one of EMBEDDING_SIZE
-values chosen by its id, scaled to unit length. It keeps each batch row's answer as a model
-keeps a KV cache row, following the scheduler's Batch. It refuses a job with a constraint
+values chosen by its id, scaled to unit length. It keeps the answer of each sequence it gives
+a token, while it does. It refuses a job with a constraint
 (structured output): its words are no tokenizer that a grammar can match.
 """
 
@@ -20,6 +20,7 @@ import time
 from zmqchat.engine.detokenizer import LOGPROB_FLOOR
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
+from zmqchat.config import BLOCK_SIZE
 from zmqchat.protocol import MAX_SLOTS, ChatMessage, Constraint, ErrorCode, JobError
 
 EOS = 0
@@ -35,12 +36,17 @@ class FakeRunner:
         self.sampling_defaults: dict = {}  # it samples nothing
         self.max_token_chars = None  # a word is a token, however long
         self.token_budget = MAX_SLOTS * context_window  # no cache to fill: never the limit
+        self.block_size = BLOCK_SIZE
         self.embedding_size = EMBEDDING_SIZE
         self.words = ["</s>"]  # token id -> word
         self.ids: dict[str, int] = {}
-        self.answers: list[list[int]] = []  # per batch row, the tokens it says
+        self.answers: dict[str, list[int]] = {}  # per running sequence, the tokens it says
 
     # -- the tokenizer --------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.token_budget // BLOCK_SIZE + 1  # +1: the null block
 
     @property
     def vocab_size(self) -> int:
@@ -80,18 +86,23 @@ class FakeRunner:
     # -- the "model" ----------------------------------------------------------------------------
 
     def run(self, batch: Batch[Sequence]) -> tuple[list[int], list]:
-        self.answers = [self.answers[i] for i in batch.kept] + [self._answer(s) for s in batch.new]
-        for seq in batch.new:
-            if seq.wants_prompt_logprobs:
+        seqs = batch.sequences
+        self.answers = {s.id: self.answers.get(s.id) or self._answer(s) for s in seqs}
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.wants_prompt_logprobs and chunk.start == 0:  # all of them with its first chunk
                 seq.prompt_logprobs = [(logprob, 1, top) for logprob, top in
                                        (self._logprobs(t, seq.params.prompt_logprobs) for t in seq.prompt_ids[1:])]
-        if not batch.sequences:
+        if not seqs:
             return [], []
         if self.delay:
             time.sleep(self.delay)
-        tokens = [answer[len(s.output_ids)] if len(s.output_ids) < len(answer) else EOS
-                  for s, answer in zip(batch.sequences, self.answers)]
-        return tokens, [self._logprobs(t, s.params.logprobs) for s, t in zip(batch.sequences, tokens)]
+        tokens = [self._next(s) for s in seqs]
+        return tokens, [self._logprobs(t, s.params.logprobs) for s, t in zip(seqs, tokens)]
+
+    def _next(self, seq: Sequence) -> int:
+        answer = self.answers[seq.id]
+        return answer[len(seq.output_ids)] if len(seq.output_ids) < len(answer) else EOS
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         if self.delay:

@@ -2,10 +2,9 @@
 
 A Sequence is built by the engine from a protocol.Submit: its prompt tokens, its sampling
 parameters resolved with the model's own defaults, and the most tokens it may generate. The
-runner only notes how many prompt tokens it did not compute (their KV was cached) and, where
-the job asked, its prompt tokens' logprobs; the
-detokeniser appends each sampled token, with the text it makes, and the pending logprobs that
-leave with that text.
+scheduler's BlockManager keeps its place in the KV cache; the runner notes its random stream
+and, where the job asked, its prompt tokens' logprobs; the detokeniser appends each sampled
+token, with the text it makes, and the pending logprobs that leave with that text.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from zmqchat.engine.detokenizer import DETOKENIZER_CONTEXT, PromptLogprobs
 from zmqchat.protocol import SamplingParams, Submit, TokenLogprob
 
 if TYPE_CHECKING:
+    import torch
+
     from zmqchat.grammar import Matcher
 
 
@@ -42,7 +43,13 @@ class Sequence:
     grammar: Matcher | None = None  # where a constrained sequence is in its grammar (zmqchat/grammar.py)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    cached_tokens: int = 0  # of the prompt, whose KV the runner reused (set at prefill)
+    generator: torch.Generator | None = None  # its own random stream, where it asked for a seed
+    # Its place in the KV cache (kv_cache.py), kept by the scheduler's BlockManager.
+    blocks: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    computed_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, whose KV was found in the cache
+    reserved_blocks: int = 0
     reported_tokens: int | None = None  # of output_ids, those its outputs have counted; None: no output yet
     # Where the job asked: each prompt token's but the first, set at prefill, taken by the first output.
     prompt_logprobs: PromptLogprobs | None = None
@@ -70,6 +77,17 @@ class Sequence:
     def must_go_on(self) -> bool:
         """Short of its min_tokens, it may not end; a grammar decides that alone."""
         return len(self.output_ids) < self.params.min_tokens and self.grammar is None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of the prompt followed by the output."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:end] + self.output_ids[:max(end - n, 0)]
 
     @property
     def reserved_tokens(self) -> int:

@@ -1,0 +1,57 @@
+"""Paged attention on its own: a step of chunks over the block pool computes, for every token,
+what plain attention over its own sequence's keys computes, whatever the step's other chunks."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zmqchat.engine.attention import PagedKV, paged_attention, plan_step
+
+HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 8, 4
+CONFIG = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=KV_HEADS, head_dim=DIM,
+                         num_attention_heads=HEADS, hidden_size=HEADS * DIM)
+LAYER = SimpleNamespace(layer_idx=0)
+
+
+def reference(q, k, v, window, softcap):
+    """Each position of one sequence attending to itself and those before it (within `window`)."""
+    k, v = k.repeat_interleave(HEADS // KV_HEADS, 0), v.repeat_interleave(HEADS // KV_HEADS, 0)
+    scores = q @ k.transpose(-1, -2) * DIM ** -0.5
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    n = q.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if window:
+        allowed &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
+    return (torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v).transpose(0, 1)  # [n, H, D]
+
+
+def run_step(kv, chunks, qkv, **layer_args):
+    """One step of `chunks` (name, blocks, start, end): their tokens' attention outputs, in order."""
+    step = plan_step(kv, [(blocks, start, end) for _, blocks, start, end in chunks], "cpu")
+    q, k, v = (torch.cat([qkv[name][i][:, start:end] for name, _, start, end in chunks], 1)[None] for i in range(3))
+    out, _ = paged_attention(LAYER, q, k, v, None, scaling=DIM ** -0.5, zmqchat_step=step, **layer_args)
+    return out[0].split([end - start for _, _, start, end in chunks])
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 5.0)], ids=["full", "sliding", "softcap"])
+def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap):
+    torch.manual_seed(0)
+    lengths = {"a": 9, "b": 5, "c": 6}
+    qkv = {name: (torch.randn(HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM))
+           for name, n in lengths.items()}
+    kv = PagedKV(CONFIG, num_blocks=12, block_size=BLOCK, dtype=torch.float32, device="cpu")
+    blocks = {"a": [3, 1, 7], "b": [2, 5], "c": [9, 4]}  # scattered, as a pool hands them out
+    for pool in kv.keys + kv.values:  # stale values in the blocks must not matter
+        pool[BLOCK:].fill_(1e4)
+    outputs = {name: [] for name in lengths}
+    # a's prompt in two chunks, while b joins whole and c decodes token by token after a prefix.
+    steps = [[("a", 0, 4), ("c", 0, 3)], [("a", 4, 8), ("b", 0, 5), ("c", 3, 4)], [("c", 4, 5), ("a", 8, 9)],
+             [("c", 5, 6)]]
+    for chunks in steps:
+        for (name, *_), out in zip(chunks, run_step(kv, [(n, blocks[n], s, e) for n, s, e in chunks], qkv,
+                                                      sliding_window=window, softcap=softcap)):
+            outputs[name].append(out)
+    for name, (q, k, v) in qkv.items():
+        assert torch.allclose(torch.cat(outputs[name]), reference(q, k, v, window, softcap), atol=1e-5), name
