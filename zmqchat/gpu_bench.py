@@ -285,7 +285,7 @@ def install_wheels(folders: list[Path]) -> None:
     """Install the wheels of `folders` into a folder of their own, first on this process's
     path and its children's."""
     target = Path(tempfile.mkdtemp(prefix="gpu-bench-site-"))
-    wheels = joined_wheels(folders, target)
+    wheels = joined_wheels(folders, Path(tempfile.mkdtemp(prefix="gpu-bench-wheels-")))
     say(f"installing {len(wheels)} wheels into {target}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--target", str(target), *map(str, wheels)], check=True)
@@ -312,6 +312,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--waves", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--level-seconds", type=float, default=20.0,
                         help="no new request after this long at one concurrency")
+    parser.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the shapes (--no-bench: only the tests)")
     parser.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model-marked tests on the device afterwards")
     parser.add_argument("--wheels", type=Path, action="append", default=[],
@@ -339,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine(), "device": args.device, "dtype": args.dtype, "max_tokens": args.max_tokens,
               "prompt_tokens": args.prompt_tokens, "shapes": []}
     say(f"{result['machine']}; {args.max_tokens} tokens per request after {args.prompt_tokens} prompt tokens")
-    for shape in args.shapes:
-        result["shapes"].append(bench_shape(shape, args))
-    say(f"\n{result['machine']['gpu'] or args.device}, {args.dtype}, random weights; engine: closed-loop clients, "
-        f"ignore_eos, greedy\n{format_table(result['shapes'])}")
-    save(result, args.out)
+    if args.bench:
+        for shape in args.shapes:
+            result["shapes"].append(bench_shape(shape, args))
+            save(result, args.out)  # what was measured survives a later shape's failure
+        say(f"\n{result['machine']['gpu'] or args.device}, {args.dtype}, random weights; engine: closed-loop "
+            f"clients, ignore_eos, greedy\n{format_table(result['shapes'])}")
     if args.tests:
         result["model_tests_exit_status"] = run_model_tests(args.device)
         save(result, args.out)
@@ -354,7 +357,6 @@ def main(argv: list[str] | None = None) -> int:
 def save(result: dict, path: Path | None) -> None:
     if path:
         path.write_text(json.dumps(result, indent=2))
-        say(f"wrote {path}")
 
 
 if __name__ == "__main__":
