@@ -27,6 +27,8 @@ from zmqchat.config import BrokerConfig
 START_TIMEOUT = 120.0  # seconds for a part to come up (a real model loads in a few)
 RECV_TIMEOUT = 5.0  # seconds a test peer waits for a message
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Where the real-model tests run the default model: the CPU, or a GPU ("cuda") as bin/gpu-bench sets it.
+DEVICE = os.environ.get("ZMQCHAT_TEST_DEVICE", "cpu")
 
 
 def free_port() -> int:
@@ -150,7 +152,7 @@ def serve_default_model(cluster: Cluster) -> str:
     """`zmqchat serve` of the real default model on `cluster`'s ports; the API's URL."""
     port = free_port()
     serve = cluster.spawn("serve", "serve", "--port", str(port), "--frontend", cluster.frontend,
-                          "--backend", cluster.backend, "--device", "cpu")
+                          "--backend", cluster.backend, "--device", DEVICE)
     wait_for(lambda: "is serving" in serve.output() or serve.process.poll() is not None, 300,
              "serve to load the default model")
     assert serve.process.poll() is None, serve.output()

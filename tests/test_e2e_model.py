@@ -8,7 +8,7 @@ import subprocess
 
 import openai
 import pytest
-from conftest import serve_default_model
+from conftest import DEVICE, serve_default_model
 
 from zmqchat.config import BLOCK_SIZE
 from zmqchat.models import DEFAULT_MODEL_NAME
@@ -138,7 +138,7 @@ def model():
     """The default model loaded here, as the worker loads it, to check what the server says against."""
     from zmqchat import models
 
-    return models.load(device="cpu")
+    return models.load(device=DEVICE)
 
 
 def direct_logprobs(model, ids: list[int]) -> list[float]:
@@ -146,7 +146,7 @@ def direct_logprobs(model, ids: list[int]) -> list[float]:
     import torch
 
     with torch.inference_mode():
-        logits = model.model(torch.tensor([ids])).logits[0].float()
+        logits = model.model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
     return torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
 
 

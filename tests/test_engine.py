@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DEVICE
 
 from zmqchat.config import BLOCK_SIZE, DEFAULT_MAX_TOKENS
 from zmqchat.engine import Engine, FakeRunner
@@ -341,7 +342,7 @@ def smol() -> Engine:
     from zmqchat import models
     from zmqchat.engine import HFRunner
 
-    return Engine(HFRunner(models.load(device="cpu")), slots=4)
+    return Engine(HFRunner(models.load(device=DEVICE)), slots=4)
 
 
 def greedy_alone(engine: Engine, prompts: dict[str, str], max_tokens: int) -> dict[str, dict]:
@@ -455,7 +456,8 @@ def test_batched_greedy_output_matches_transformers_generate(smol):
     for i, prompt in enumerate(prompts):
         ids = runner.encode_chat([ChatMessage("user", prompt)])
         with torch.inference_mode():
-            out = runner.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+            out = runner.model.generate(torch.tensor([ids], device=runner.model.device), max_new_tokens=16,
+                                         do_sample=False)
         reference = runner.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
         # A reply cut by max_tokens mid-character ends without the broken half (U+FFFD).
         assert batched[f"p{i}"]["text"] == reference.rstrip("\ufffd")
@@ -526,7 +528,8 @@ def direct_logprobs(engine: Engine, ids: list[int]) -> list[float]:
     import torch
 
     with torch.inference_mode():
-        logits = engine.runner.model(torch.tensor([ids])).logits[0].float()
+        model = engine.runner.model
+        logits = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
     return torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
 
 

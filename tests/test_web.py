@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import ARTIFACTS, Cluster, free_port, wait_for
+from conftest import ARTIFACTS, DEVICE, Cluster, free_port, wait_for
 
 from zmqchat.models import DEFAULT_MODEL_NAME
 
@@ -51,7 +51,7 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def web_cluster(module_cluster):
     module_cluster.broker()
-    module_cluster.worker("--device", "cpu", "--max-batch", "2", fake=False)
+    module_cluster.worker("--device", DEVICE, "--max-batch", "2", fake=False)
     module_cluster.api()
     return module_cluster
 

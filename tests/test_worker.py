@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Running, chat, free_port, wait_for
+from conftest import DEVICE, Running, chat, free_port, wait_for
 
 from zmqchat import protocol as p
 from zmqchat.config import MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS, WorkerConfig
@@ -99,8 +99,8 @@ def test_a_huge_prompt_is_refused_without_stalling_other_streams(cluster):
 @pytest.mark.model
 def test_a_model_workers_slots_follow_from_its_kv_memory(cluster):
     cluster.broker()
-    cluster.worker("--max-tokens-in-flight", str(3 * SLOT_TOKENS), "--device", "cpu", fake=False)
-    cluster.worker("--max-tokens-in-flight", str(3 * SLOT_TOKENS), "--max-batch", "2", "--device", "cpu", fake=False)
+    cluster.worker("--max-tokens-in-flight", str(3 * SLOT_TOKENS), "--device", DEVICE, fake=False)
+    cluster.worker("--max-tokens-in-flight", str(3 * SLOT_TOKENS), "--max-batch", "2", "--device", DEVICE, fake=False)
     assert sorted(w["slots"] for w in cluster.status()["workers"]) == [2, 3]  # --max-batch caps it
 
 

@@ -206,19 +206,20 @@ def format_table(reports: list[LevelReport]) -> str:
     return "\n".join(lines) + "\n(latencies in ms)"
 
 
-def measure_ceiling(loaded, batch: int, max_tokens: int) -> dict:
+def measure_ceiling(loaded, batch: int, max_tokens: int, prompts: list[list[int]] | None = None) -> dict:
     """What the bare model (`loaded`, a models.LoadedModel) does with no serving around it: the
     mean prefill time of one prompt (the floor for time to first token) and a plain batched
     greedy decode loop at `batch` over the same prompts (the ceiling for output tokens/s), with
-    each row's tokens."""
+    each row's tokens. The prompts are token ids; by default PROMPTS in the model's chat template."""
     import torch
     from transformers import DynamicCache
 
     model, tokenizer, dev = loaded.model, loaded.tokenizer, loaded.device
     cache_arg = models.cache_argument(model)
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                       add_generation_prompt=True), add_special_tokens=False).input_ids
-               for p in PROMPTS]
+    prompts = prompts or [
+        tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                add_generation_prompt=True), add_special_tokens=False).input_ids
+        for p in PROMPTS]
 
     def forward(ids, mask, cache):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
