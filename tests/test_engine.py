@@ -425,6 +425,31 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
 
 
 @pytest.mark.model
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_decodes_and_both_get_their_tokens_alone(smol):
+    prompts = {"stream": "Count to twenty.", "long": "Summarise this: " + "the quick brown fox jumps over a dog. " * 10}
+    alone = greedy_alone(smol, prompts, 12)
+    engine = Engine(smol.runner, slots=4)  # a cache that has seen neither prompt
+    sampled: list[list[str]] = []  # who got a token, step by step
+    run = smol.runner.run
+
+    def recording(batch):
+        sampled.append([seq.id for seq in batch.sequences])
+        return run(batch)
+
+    engine.runner.run = recording
+    results: dict[str, dict] = {}
+    submit(engine, job("stream", prompts["stream"], temperature=0, max_tokens=12))
+    collect(results, engine.step())
+    engine.scheduler.step_tokens = 1  # from now on a prompt gets the least a step gives it: one block
+    joined = len(sampled)
+    submit(engine, job("long", prompts["long"], temperature=0, max_tokens=12))
+    run_to_end(engine, results=results)
+    prefill_steps = next(i for i, ids in enumerate(sampled[joined:]) if "long" in ids)
+    assert prefill_steps >= 4 and all(ids == ["stream"] for ids in sampled[joined:joined + prefill_steps])
+    assert results == alone
+
+
+@pytest.mark.model
 def test_cancelled_sequence_leaves_the_batch_at_the_next_step(smol):
     submit(smol, job("stay", "Tell me a long story.", temperature=0, max_tokens=30))
     submit(smol, job("go", "Tell me another long story.", temperature=0, max_tokens=30))

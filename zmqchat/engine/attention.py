@@ -9,7 +9,7 @@ longest chunk and longest context, and hands the real tokens back as one flat ro
 The step's layout (StepPlan: slots to write, keys to read, masks) is built once per step and
 shared by every layer; transformers passes it through the model's forward to `paged_attention`,
 registered as the attention implementation "zmqchat_paged". A forward without a plan (the
-embeddings' padded batch) is plain SDPA. Sliding-window layers get a windowed mask; layers with
+embeddings' padded batch, transformers' own generate) is plain SDPA with transformers' masks. Sliding-window layers get a windowed mask; layers with
 soft-capped logits (Gemma 2) are computed without SDPA, which has no soft cap.
 """
 
@@ -101,8 +101,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, sli
     step's new tokens; returns [1, N, Hq, D]."""
     step: StepPlan | None = kwargs.pop(STEP_ARGUMENT, None)
     if step is None:
+        if softcap is not None:  # which SDPA does not have
+            mask = attention_mask if attention_mask is not None else _causal_mask(query, key)
+            return _softcapped_attention(query, key, value, mask, scaling, softcap).transpose(1, 2), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+                                      sliding_window=sliding_window, **kwargs)
     keys, values = step.kv.keys[module.layer_idx], step.kv.values[module.layer_idx]
     keys.index_copy_(0, step.write_slots, key[0].transpose(0, 1))
     values.index_copy_(0, step.write_slots, value[0].transpose(0, 1))
@@ -115,6 +118,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, sli
     else:
         out = _softcapped_attention(q, k, v, mask, scaling, softcap)
     return out.transpose(1, 2)[step.query_valid][None], None
+
+
+def _causal_mask(query, key):
+    """Each of the last queries sees the keys up to its own position (the keys before the queries are the past)."""
+    queries, keys = query.shape[-2], key.shape[-2]
+    return torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
 
 
 def _softcapped_attention(q, k, v, mask, scaling, softcap):

@@ -143,7 +143,7 @@ class HFRunner:
             ids = torch.tensor([t for c in batch.chunks for t in c.seq.token_ids(c.start, c.end)], device=self.device)
             wanted = LogitRows(batch.chunks)
             logits = self.model(input_ids=ids[None], position_ids=step.positions[None], use_cache=False,
-                                logits_to_keep=torch.tensor(wanted.positions, device=self.device),
+                                logits_to_keep=torch.tensor(wanted.positions, dtype=torch.long, device=self.device),
                                 **{STEP_ARGUMENT: step}).logits[0]
             for chunk in batch.chunks:
                 if chunk.start == chunk.seq.cached_tokens:  # its first chunk
