@@ -131,12 +131,13 @@ def test_bench_reports_every_level_as_a_table_and_json(cluster, tmp_path):
     out = subprocess.run([sys.executable, "-m", "zmqchat", "bench", "--base-url", f"{cluster.url}/v1",
                           "--model", "fake", "--concurrency", "1,4", "--requests", "8", "--max-tokens", "5",
                           "--output", str(report_path)], capture_output=True, text=True, timeout=120, check=True)
-    assert "out tok/s" in out.stdout and "ttft p50" in out.stdout
+    assert "out tok/s" in out.stdout and "ttft p50" in out.stdout and "itl max" in out.stdout
     levels = json.loads(report_path.read_text())["levels"]
     assert [level["concurrency"] for level in levels] == [1, 4]
     for level in levels:
         assert level["requests"] == 8 and level["failures"] == 0, level["errors"]
         assert level["output_tokens_per_s"] > 0 and level["ttft_p50_s"] > 0 and level["itl_p50_s"] > 0
+        assert level["itl_max_s"] >= level["itl_p99_s"] >= level["itl_p50_s"]
     assert sum(w["done"] for w in cluster.status()["workers"]) == 16
 
 

@@ -10,8 +10,18 @@ from conftest import DEVICE
 
 from zmqchat.config import BLOCK_SIZE, DEFAULT_MAX_TOKENS
 from zmqchat.engine import Engine, FakeRunner
-from zmqchat.protocol import (Alternative, ChatMessage, Constraint, Embed, ErrorCode, JobError, Output, SamplingParams,
-                              Submit, Usage)
+from zmqchat.protocol import (
+    Alternative,
+    ChatMessage,
+    Constraint,
+    Embed,
+    ErrorCode,
+    JobError,
+    Output,
+    SamplingParams,
+    Submit,
+    Usage,
+)
 
 
 def job(job_id: str, content: str, **params) -> Submit:
@@ -425,10 +435,9 @@ def test_sequences_joining_and_leaving_a_running_batch_get_the_tokens_they_get_a
 
 
 @pytest.mark.model
-def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_decodes_and_both_get_their_tokens_alone(smol):
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_decodes_and_both_get_their_tokens_alone(smol, monkeypatch):
+    # Prompts no other test sends, so nothing of them is cached yet, and run batched first.
     prompts = {"stream": "Count to twenty.", "long": "Summarise this: " + "the quick brown fox jumps over a dog. " * 10}
-    alone = greedy_alone(smol, prompts, 12)
-    engine = Engine(smol.runner, slots=4)  # a cache that has seen neither prompt
     sampled: list[list[str]] = []  # who got a token, step by step
     run = smol.runner.run
 
@@ -436,17 +445,18 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_stream_decodes_and_both_ge
         sampled.append([seq.id for seq in batch.sequences])
         return run(batch)
 
-    engine.runner.run = recording
+    monkeypatch.setattr(smol.runner, "run", recording)
     results: dict[str, dict] = {}
-    submit(engine, job("stream", prompts["stream"], temperature=0, max_tokens=12))
-    collect(results, engine.step())
-    engine.scheduler.step_tokens = 1  # from now on a prompt gets the least a step gives it: one block
+    submit(smol, job("stream", prompts["stream"], temperature=0, max_tokens=12))
+    collect(results, smol.step())
+    monkeypatch.setattr(smol.scheduler, "step_tokens", 1)  # from now on a prompt gets the least a step gives: a block
     joined = len(sampled)
-    submit(engine, job("long", prompts["long"], temperature=0, max_tokens=12))
-    run_to_end(engine, results=results)
+    submit(smol, job("long", prompts["long"], temperature=0, max_tokens=12))
+    run_to_end(smol, results=results)
     prefill_steps = next(i for i, ids in enumerate(sampled[joined:]) if "long" in ids)
     assert prefill_steps >= 4 and all(ids == ["stream"] for ids in sampled[joined:joined + prefill_steps])
-    assert results == alone
+    monkeypatch.undo()
+    assert results == greedy_alone(smol, prompts, 12)
 
 
 @pytest.mark.model
@@ -559,12 +569,12 @@ def direct_logprobs(engine: Engine, ids: list[int]) -> list[float]:
 
 
 @pytest.mark.model
-def test_default_model_prompt_logprobs_are_its_own_preamble_included_and_in_any_batch(smol):
+def test_default_model_prompt_logprobs_are_its_own_preamble_included_and_in_any_batch(smol, monkeypatch):
     submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
     alone = run_to_end(smol)["plain"]["text"]
     # The chat's prompt starts with the template's preamble, whose cached KV would hold no logits:
     # the scoring sequence computes it afresh, in chunks of one block, beside one that reuses it.
-    smol.scheduler.step_tokens = 1
+    monkeypatch.setattr(smol.scheduler, "step_tokens", 1)
     submit(smol, job("plain", "What is the capital of France?", temperature=0, max_tokens=6))
     submit(smol, job("scored", "Name a colour.", temperature=0, max_tokens=2, prompt_logprobs=2))
     outputs = [o for _ in range(8) for o in smol.step()]

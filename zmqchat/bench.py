@@ -94,6 +94,7 @@ class LevelReport:
     ttft_p99_s: float | None
     itl_p50_s: float | None
     itl_p99_s: float | None
+    itl_max_s: float | None  # the worst gap between two tokens of a stream: what chunked prefill bounds
     errors: list[str]
 
 
@@ -186,7 +187,7 @@ async def run_level(config: BenchConfig, concurrency: int, fraction: float = 0.0
         requests_per_s=len(ok) / duration, output_tokens_per_s=sum(r.output_tokens for r in ok) / duration,
         latency_p50_s=percentile(latencies, 50), latency_p99_s=percentile(latencies, 99),
         ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
-        itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99),
+        itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99), itl_max_s=max(gaps, default=None),
         errors=sorted({r.error for r in results if not r.ok})[:5],
     )
 
@@ -196,11 +197,12 @@ def format_table(reports: list[LevelReport]) -> str:
         return "-" if value is None else f"{value * 1000:.0f}"
 
     rows = [("conc", "schema", "reqs", "fail", "req/s", "out tok/s", "lat p50", "lat p99", "ttft p50", "ttft p99",
-             "itl p50", "itl p99")]
+             "itl p50", "itl p99", "itl max")]
     for r in reports:
         rows.append((str(r.concurrency), f"{r.json_schema_fraction:.0%}", str(r.requests), str(r.failures), f"{r.requests_per_s:.2f}",
                      f"{r.output_tokens_per_s:.1f}", ms(r.latency_p50_s), ms(r.latency_p99_s),
-                     ms(r.ttft_p50_s), ms(r.ttft_p99_s), ms(r.itl_p50_s), ms(r.itl_p99_s)))
+                     ms(r.ttft_p50_s), ms(r.ttft_p99_s), ms(r.itl_p50_s), ms(r.itl_p99_s),
+                     ms(r.itl_max_s)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     return "\n".join(lines) + "\n(latencies in ms)"

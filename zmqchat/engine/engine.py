@@ -222,10 +222,10 @@ class Engine:
     def _generate(self) -> list[Output]:
         """One step of the running sequences: a token for each that decodes, or finishes its prompt."""
         batch = self.scheduler.schedule()
-        tokens, logprobs = self.runner.run(batch)
+        tokens, tokens_logprobs = self.runner.run(batch)
         self.scheduler.computed(batch)
         outputs = []
-        for seq, token, logprobs in zip(batch.sequences, tokens, logprobs):
+        for seq, token, logprobs in zip(batch.sequences, tokens, tokens_logprobs):
             if seq.max_tokens == 0:  # it only scores its prompt: the token is not its to keep
                 seq.finish_reason, delta = "length", ""
             else:

@@ -17,13 +17,14 @@ import math
 import re
 import time
 
+from zmqchat.config import BLOCK_SIZE
 from zmqchat.engine.detokenizer import LOGPROB_FLOOR
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
-from zmqchat.config import BLOCK_SIZE
-from zmqchat.protocol import MAX_SLOTS, ChatMessage, Constraint, ErrorCode, JobError
+from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, JobError
 
 EOS = 0
+CACHE_WINDOWS = 64  # whole context windows its pretend KV cache holds: more than any test runs at once
 EMBEDDING_SIZE = 8
 
 
@@ -35,7 +36,7 @@ class FakeRunner:
         self.stop_token_ids = {EOS}
         self.sampling_defaults: dict = {}  # it samples nothing
         self.max_token_chars = None  # a word is a token, however long
-        self.token_budget = MAX_SLOTS * context_window  # no cache to fill: never the limit
+        self.token_budget = CACHE_WINDOWS * context_window  # no cache to fill: a pretend one
         self.block_size = BLOCK_SIZE
         self.embedding_size = EMBEDDING_SIZE
         self.words = ["</s>"]  # token id -> word

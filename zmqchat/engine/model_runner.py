@@ -35,7 +35,7 @@ from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
 from zmqchat.engine.scheduler import Batch, Chunk
 from zmqchat.engine.sequence import Sequence
 from zmqchat.grammar import Grammars, Matcher
-from zmqchat.models import LoadError, LoadedModel
+from zmqchat.models import LoadedModel, LoadError
 from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError
 from zmqchat.tools import fallback_conversation
 
