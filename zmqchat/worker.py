@@ -359,7 +359,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
         from zmqchat.engine import FakeRunner
 
         runner = FakeRunner(config.model_name or "fake", config.fake_delay)
-        return Engine(runner, config.max_batch or SLOTS, config.tasks), "fake"
+        return Engine(runner, config.max_batch or SLOTS, config.tasks, config.step_tokens), "fake"
     from zmqchat.engine import HFRunner
     from zmqchat.engine.model_runner import slots_from_memory
 
@@ -367,7 +367,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     runner = HFRunner(loaded, config.max_tokens_in_flight)
     slots = config.max_batch or slots_from_memory(runner.token_budget)
     log.info("%d slots, %d tokens of KV cache", slots, runner.token_budget)
-    return Engine(runner, slots, config.tasks), loaded.description
+    return Engine(runner, slots, config.tasks, config.step_tokens), loaded.description
 
 
 def run(config: WorkerConfig) -> None:

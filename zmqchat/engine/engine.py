@@ -61,12 +61,13 @@ class Runner(Protocol):
 
 
 class Engine:
-    def __init__(self, runner: Runner, slots: int = SLOTS, tasks: tuple[str, ...] = TASKS):
+    def __init__(self, runner: Runner, slots: int = SLOTS, tasks: tuple[str, ...] = TASKS,
+                 step_tokens: int = STEP_TOKENS):
         self.runner = runner
         self.slots = slots
         self.tasks = tasks  # what it takes jobs for: generate, embed
         self.scheduler: Scheduler[Sequence] = Scheduler(slots, BlockManager(runner.num_blocks, runner.block_size),
-                                                        STEP_TOKENS)
+                                                        step_tokens)
         self.detokenizer = Detokenizer(runner, runner.stop_token_ids)
         self.embed_jobs: dict[str, EmbedJob] = {}  # in arrival order
         # Vectors one step may send: a frame holds so many, whatever the model's size.

@@ -138,6 +138,11 @@ class HFRunner:
         in the batch's order. Chunks of sequences scoring their prompt note its logprobs."""
         if not batch.chunks:
             return [], []
+        for chunk in batch.chunks:
+            if chunk.start == chunk.seq.cached_tokens:  # its first chunk
+                chunk.seq.generator = seeded_generator(chunk.seq.params.seed, self.device)
+                if chunk.seq.wants_prompt_logprobs:
+                    chunk.seq.prompt_logprobs = []
         with torch.inference_mode():
             step = plan_step(self.kv, [(c.seq.blocks, c.start, c.end) for c in batch.chunks], self.device)
             ids = torch.tensor([t for c in batch.chunks for t in c.seq.token_ids(c.start, c.end)], device=self.device)
@@ -145,9 +150,6 @@ class HFRunner:
             logits = self.model(input_ids=ids[None], position_ids=step.positions[None], use_cache=False,
                                 logits_to_keep=torch.tensor(wanted.positions, dtype=torch.long, device=self.device),
                                 **{STEP_ARGUMENT: step}).logits[0]
-            for chunk in batch.chunks:
-                if chunk.start == chunk.seq.cached_tokens:  # its first chunk
-                    chunk.seq.generator = seeded_generator(chunk.seq.params.seed, self.device)
             for seq, rows, targets in wanted.scored:
                 seq.prompt_logprobs += prompt_logprobs(logits[rows][None], torch.tensor([targets], device=self.device),
                                                        seq.params.prompt_logprobs)[0]
@@ -181,8 +183,6 @@ class LogitRows:
         for chunk in chunks:
             seq = chunk.seq
             if seq.wants_prompt_logprobs:
-                if chunk.start == 0:
-                    seq.prompt_logprobs = []
                 # Position i predicts prompt token i + 1: the prompt's last position predicts none.
                 scoring = min(chunk.end, len(seq.prompt_ids) - 1) - chunk.start
                 if scoring > 0:
