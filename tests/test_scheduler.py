@@ -106,6 +106,7 @@ def test_admission_reserves_the_prompt_and_max_tokens_and_release_returns_every_
     m.admit(a)
     assert len(a.blocks) == 2 and m.promised == 1 and m.in_use == 2
     assert m.can_admit(seq("b", 8, max_tokens=8)) and not m.can_admit(seq("c", 9, max_tokens=8))
+    assert not m.admit(seq("c", 9, max_tokens=8)) and m.in_use == 2 and m.promised == 1  # it took nothing
     m.grow(a, 9)
     assert len(a.blocks) == 3 and m.promised == 0
     with pytest.raises(RuntimeError):
@@ -163,8 +164,8 @@ def test_cached_blocks_are_evicted_least_recently_released_first_and_uncached_on
     m.release(new)
     m.admit(seq("x", 13, max_tokens=2))  # 4 blocks: 7 and the two uncached ones, then old's last cached
     assert sorted(m.cached.values()) == [1, 4, 5]
-    again = seq("new again", list(range(20, 30)))
-    m.admit(again)
+    again = seq("new again", list(range(20, 30)), max_tokens=2)  # 3 blocks: the free ones, 1, 4 and 5
+    assert m.admit(again)
     assert again.cached_tokens == 8 and again.blocks[:2] == [4, 5]
 
 

@@ -203,9 +203,13 @@ def format_table(reports: list[LevelReport]) -> str:
                      f"{r.output_tokens_per_s:.1f}", ms(r.latency_p50_s), ms(r.latency_p99_s),
                      ms(r.ttft_p50_s), ms(r.ttft_p99_s), ms(r.itl_p50_s), ms(r.itl_p99_s),
                      ms(r.itl_max_s)))
+    return "\n".join(right_aligned(rows)) + "\n(latencies in ms)"
+
+
+def right_aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """The rows as lines of a table, each column as wide as its widest cell."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines) + "\n(latencies in ms)"
+    return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
 
 
 def measure_ceiling(loaded, batch: int, max_tokens: int, prompts: list[list[int]] | None = None) -> dict:

@@ -184,6 +184,8 @@ def bench_shape(shape: str, args) -> dict:
 def format_table(results: list[dict]) -> str:
     """One row per shape and number of streams: the engine's tok/s and TTFT p50 at that
     concurrency, and the bare decode's tok/s at that batch, where each was measured."""
+    from zmqchat.bench import right_aligned
+
     rows = [("shape", "streams", "engine tok/s", "TTFT p50 ms", "bare tok/s", "engine/bare")]
     for result in results:
         levels = {level["concurrency"]: level for level in result["levels"]}
@@ -195,8 +197,7 @@ def format_table(results: list[dict]) -> str:
                          f"{level['ttft_p50_ms']:.0f}" if level else "-",
                          f"{ceiling['tokens_per_s']:.1f}" if ceiling else "-",
                          f"{level['tokens_per_s'] / ceiling['tokens_per_s']:.2f}" if level and ceiling else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join(right_aligned(rows))
 
 
 def run_model_tests(device: str) -> int | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Protocol
 
-from zmqchat.config import DEFAULT_MAX_TOKENS, SLOTS, STEP_TOKENS
+from zmqchat.config import BLOCK_SIZE, DEFAULT_MAX_TOKENS, SLOTS, STEP_TOKENS
 from zmqchat.engine.detokenizer import Detokenizer
 from zmqchat.engine.embedding import EMBED_BYTES_PER_STEP, EmbedJob, packed, take_inputs
 from zmqchat.engine.kv_cache import BlockManager
@@ -35,8 +35,7 @@ class Runner(Protocol):
 
     model_name: str
     context_window: int  # tokens of prompt and output the model can hold
-    num_blocks: int  # blocks of its KV cache (kv_cache.py)
-    block_size: int  # tokens per block
+    num_blocks: int  # blocks of BLOCK_SIZE tokens in its KV cache (kv_cache.py)
     vocab_size: int  # token ids in a prompt must be below this
     stop_token_ids: set[int]
     sampling_defaults: dict  # the model's own temperature and top_p, if it has them
@@ -66,7 +65,7 @@ class Engine:
         self.runner = runner
         self.slots = slots
         self.tasks = tasks  # what it takes jobs for: generate, embed
-        self.scheduler: Scheduler[Sequence] = Scheduler(slots, BlockManager(runner.num_blocks, runner.block_size),
+        self.scheduler: Scheduler[Sequence] = Scheduler(slots, BlockManager(runner.num_blocks, BLOCK_SIZE),
                                                         step_tokens)
         self.detokenizer = Detokenizer(runner, runner.stop_token_ids)
         self.embed_jobs: dict[str, EmbedJob] = {}  # in arrival order

@@ -19,6 +19,7 @@ import time
 
 from zmqchat.config import BLOCK_SIZE
 from zmqchat.engine.detokenizer import LOGPROB_FLOOR
+from zmqchat.engine.kv_cache import blocks_holding
 from zmqchat.engine.scheduler import Batch
 from zmqchat.engine.sequence import Sequence
 from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, JobError
@@ -37,7 +38,6 @@ class FakeRunner:
         self.sampling_defaults: dict = {}  # it samples nothing
         self.max_token_chars = None  # a word is a token, however long
         self.token_budget = CACHE_WINDOWS * context_window  # no cache to fill: a pretend one
-        self.block_size = BLOCK_SIZE
         self.embedding_size = EMBEDDING_SIZE
         self.words = ["</s>"]  # token id -> word
         self.ids: dict[str, int] = {}
@@ -47,7 +47,7 @@ class FakeRunner:
 
     @property
     def num_blocks(self) -> int:
-        return self.token_budget // BLOCK_SIZE + 1  # +1: the null block
+        return blocks_holding(self.token_budget, BLOCK_SIZE)
 
     @property
     def vocab_size(self) -> int:

@@ -67,15 +67,14 @@ class BlockManager:
         return self.usable_blocks - len(self.free)
 
     def can_admit(self, seq: Cached, reuse: bool = True) -> bool:
-        hits = self._cached_prefix(seq) if reuse else []
-        taken_back = sum(1 for block in hits if self.refs[block] == 0)
-        needed = self.blocks_for(seq.reserved_tokens) - len(hits)
-        return needed + taken_back <= len(self.free) - self.promised
+        return self._fits(seq, self._cached_prefix(seq) if reuse else [])
 
-    def admit(self, seq: Cached, reuse: bool = True) -> None:
+    def admit(self, seq: Cached, reuse: bool = True) -> bool:
         """Give `seq` its cached leading blocks and fresh ones for the rest of its prompt, and
-        promise it the blocks its output may need. Call can_admit first."""
+        promise it the blocks its output may need; or, where they do not fit, nothing (False)."""
         hits = self._cached_prefix(seq) if reuse else []
+        if not self._fits(seq, hits):
+            return False
         for block in hits:
             self.free.pop(block, None)
             self.refs[block] += 1
@@ -84,6 +83,7 @@ class BlockManager:
         seq.cached_tokens = seq.computed_tokens = len(hits) * self.block_size
         seq.reserved_blocks = self.blocks_for(seq.reserved_tokens) - len(seq.blocks)
         self.promised += seq.reserved_blocks
+        return True
 
     def grow(self, seq: Cached, tokens: int) -> None:
         """Make `seq`'s blocks hold `tokens` tokens, from the blocks promised to it."""
@@ -118,6 +118,13 @@ class BlockManager:
         self.promised -= seq.reserved_blocks
         seq.blocks, seq.reserved_blocks = [], 0
 
+    def _fits(self, seq: Cached, hits: list[int]) -> bool:
+        """Whether the free blocks, less those promised, hold all `seq` may need beyond `hits`
+        (the cached blocks it would take, some of them free ones taken back)."""
+        taken_back = sum(1 for block in hits if self.refs[block] == 0)
+        needed = self.blocks_for(seq.reserved_tokens) - len(hits)
+        return needed + taken_back <= len(self.free) - self.promised
+
     def _cached_prefix(self, seq: Cached) -> list[int]:
         """The cached blocks of the prompt's leading full blocks, as long as they all are. The
         prompt's last token is never taken from the cache: its logits start the reply."""
@@ -137,6 +144,11 @@ class BlockManager:
             self.hash_of[block] = None
         self.refs[block] = 1
         return block
+
+
+def blocks_holding(tokens: int, block_size: int) -> int:
+    """Blocks of a cache of `tokens` tokens: at least one usable, and the null block."""
+    return max(1, tokens // block_size) + 1
 
 
 def block_hash(previous: bytes, tokens: list[int]) -> bytes:

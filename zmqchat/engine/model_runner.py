@@ -31,6 +31,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from zmqchat.config import BLOCK_SIZE, CPU_KV_CACHE_BYTES, MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
 from zmqchat.engine.attention import ATTENTION, STEP_ARGUMENT, PagedKV, kv_shape, plan_step
+from zmqchat.engine.kv_cache import blocks_holding
 from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
 from zmqchat.engine.scheduler import Batch, Chunk
 from zmqchat.engine.sequence import Sequence
@@ -67,8 +68,7 @@ class HFRunner:
         except (ValueError, NotImplementedError) as exc:
             raise LoadError(f"{type(self.model).__name__} does not take a custom attention implementation, which "
                             f"zmqchat's paged KV cache needs: {exc}") from None
-        self.block_size = BLOCK_SIZE
-        self.num_blocks = max(2, self.token_budget // BLOCK_SIZE + 1)  # +1: the null block
+        self.num_blocks = blocks_holding(self.token_budget, BLOCK_SIZE)
         self.kv = PagedKV(config, self.num_blocks, BLOCK_SIZE, self.model.dtype, self.device)
 
     # -- the tokenizer --------------------------------------------------------------------------

@@ -120,11 +120,7 @@ class Scheduler(Generic[S]):
             self.blocks.computed(chunk.seq, chunk.end)
 
     def _admit(self, seq: S) -> bool:
-        reuse = not seq.wants_prompt_logprobs
-        if not self.blocks.can_admit(seq, reuse):
-            return False
-        self.blocks.admit(seq, reuse)
-        return True
+        return self.blocks.admit(seq, reuse=not seq.wants_prompt_logprobs)
 
     @staticmethod
     def _prompt_chunk(seq: S, budget: int) -> Chunk[S]:
