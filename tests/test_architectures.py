@@ -185,3 +185,39 @@ def test_batched_greedy_equals_each_sequence_alone(runner):
                               f"  engine:   {batched[job_id]}\n  generate: {alone}")
     assert not mismatches, f"{runner.model.config.model_type}: batched greedy output differs from " \
                            "each sequence generated alone:\n" + "\n".join(mismatches)
+
+
+# -- the compiled step (--compile) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_folder(tokenizer, tmp_path_factory) -> Path:
+    return build_tiny_model(ARCHITECTURES[0], tokenizer, tmp_path_factory.mktemp("llama-compiled"))
+
+
+def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, caplog):
+    """Steps of one token, of several, of prompt chunks and of both mixed: each sequence gets
+    the tokens the eager step gives it, and no step compiles the model again."""
+    from torch._dynamo.utils import counters
+
+    eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu"))
+    with caplog.at_level("INFO", logger="zmqchat.engine"):
+        compiled = HFRunner(models.load(model_path=str(llama_folder), device="cpu"), compile=True)
+    assert "compiled the model's step" in caplog.text
+    graphs = counters["stats"]["unique_graphs"]
+    jobs = prompts(eager.vocab_size)
+    assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs)
+    assert counters["stats"]["unique_graphs"] == graphs, "a step compiled the model again"
+
+
+def test_a_compile_that_fails_leaves_the_model_eager(llama_folder, monkeypatch, caplog):
+    def failing_compile(model, **options):
+        def forward(**inputs):
+            raise RuntimeError("no C++ compiler here")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with caplog.at_level("WARNING", logger="zmqchat.engine"):
+        runner = HFRunner(models.load(model_path=str(llama_folder), device="cpu"), compile=True)
+    assert "torch.compile failed" in caplog.text and "no C++ compiler here" in caplog.text
+    outputs = engine_outputs(runner, prompts(runner.vocab_size))
+    assert all(len(tokens) == MAX_TOKENS for tokens in outputs.values())

@@ -43,7 +43,7 @@ def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap):
            for name, n in lengths.items()}
     kv = PagedKV(CONFIG, num_blocks=12, block_size=BLOCK, dtype=torch.float32, device="cpu")
     blocks = {"a": [3, 1, 7], "b": [2, 5], "c": [9, 4]}  # scattered, as a pool hands them out
-    for pool in kv.keys + kv.values:  # stale values in the blocks must not matter
+    for pool in kv.layers:  # stale values in the blocks must not matter
         pool[BLOCK:].fill_(1e4)
     outputs = {name: [] for name in lengths}
     # a's prompt in two chunks, while b joins whole and c decodes token by token after a prefix.

@@ -42,6 +42,9 @@ step_tokens_option = click.option("--step-tokens", type=click.IntRange(16), defa
                                   help="Tokens one step runs at most: a token for each decoding sequence, prompts "
                                   "in chunks in the rest. Fewer: steadier streams while prompts arrive; more: "
                                   "faster first tokens.")
+compile_option = click.option("--compile", "compile_step", is_flag=True,
+                               help="Compile the model's step with torch.compile at start (minutes on a CPU; "
+                               "eager if it fails). See README, Performance.")
 model_name_option = click.option("--model-name", help="Name clients use for the model [default: the folder's name].")
 fake_option = click.option("--fake", is_flag=True, help="Serve a fake engine that echoes the user (tests, benchmarks).")
 fake_delay_option = click.option("--fake-delay", type=float, default=c.FAKE_DELAY, show_default=True,
@@ -172,6 +175,7 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int, no_worker_g
 @max_batch_option
 @max_tokens_option
 @step_tokens_option
+@compile_option
 @drain_option
 @click.option("--task", type=click.Choice(["all", *TASKS]), default="all", show_default=True,
               help="Serve the model for generation (chat, completions), for embeddings, or both.")
@@ -181,7 +185,7 @@ def broker(frontend: str, backend: str, policy: str, max_queue: int, no_worker_g
 @curve_name_option("worker")
 @log_level_option
 def worker(model_path, model_name, broker, device, dtype, quantize, max_batch, max_tokens_in_flight, step_tokens,
-           drain_timeout, task, fake, fake_delay, curve_dir, curve_name, log_level) -> None:
+           compile_step, drain_timeout, task, fake, fake_delay, curve_dir, curve_name, log_level) -> None:
     """Run a worker serving MODEL_PATH (a model folder, a hub id or a GGUF file).
 
     With no MODEL_PATH it serves the embedded default model, SmolLM2-135M-Instruct.
@@ -190,8 +194,8 @@ def worker(model_path, model_name, broker, device, dtype, quantize, max_batch, m
 
     role.run(WorkerConfig(
         model_path=model_path, model_name=model_name, broker=broker, device=device, dtype=dtype, quantize=quantize,
-        max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, step_tokens=step_tokens, fake=fake,
-        fake_delay=fake_delay, tasks=TASKS if task == "all" else (task,),
+        max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, step_tokens=step_tokens,
+        compile=compile_step, fake=fake, fake_delay=fake_delay, tasks=TASKS if task == "all" else (task,),
         drain_timeout=c.WORKER_DRAIN_TIMEOUT if drain_timeout is None else drain_timeout,
         curve=from_folder(curve_dir, curve_name)))
 
@@ -238,6 +242,7 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, response_st
 @max_batch_option
 @max_tokens_option
 @step_tokens_option
+@compile_option
 @api_key_option
 @api_key_file_option
 @response_store_option
@@ -248,8 +253,8 @@ def api(host, port, broker, api_keys, api_key_file, request_timeout, response_st
               help="Turn CURVE on between the parts, with keys in this folder (created if missing).")
 @log_level_option
 def serve(model_path, model_name, workers, host, port, frontend, backend, policy, device, dtype, quantize,
-          max_batch, max_tokens_in_flight, step_tokens, api_keys, api_key_file, response_store_size, fake, fake_delay, curve_dir,
-          log_level, **guards) -> None:
+          max_batch, max_tokens_in_flight, step_tokens, compile_step, api_keys, api_key_file, response_store_size, fake,
+          fake_delay, curve_dir, log_level, **guards) -> None:
     """Run broker, workers and API on this machine; Ctrl-C stops them all."""
     from zmqchat import serve as role
 
@@ -257,7 +262,7 @@ def serve(model_path, model_name, workers, host, port, frontend, backend, policy
         broker=BrokerConfig(frontend=frontend, backend=backend, policy=policy, insecure=guards["insecure"]),
         worker=WorkerConfig(model_path=model_path, model_name=model_name, device=device, dtype=dtype,
                             quantize=quantize, max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight,
-                            step_tokens=step_tokens, fake=fake, fake_delay=fake_delay),
+                            step_tokens=step_tokens, compile=compile_step, fake=fake, fake_delay=fake_delay),
         api=api_config(host=host, port=port, api_keys=all_api_keys(api_keys, api_key_file),
                        response_store_size=response_store_size, **guards),
         workers=workers, curve_dir=curve_dir, log_level=log_level)))

@@ -90,6 +90,7 @@ class WorkerConfig:
     max_batch: int | None = None  # None: from the KV memory (model_runner.slots_from_memory); fake: SLOTS
     max_tokens_in_flight: int | None = None  # KV-cache tokens; None: from the free memory (model_runner)
     step_tokens: int = STEP_TOKENS
+    compile: bool = False  # the model's step through torch.compile (model_runner)
     fake: bool = False  # serve the fake engine instead of a model (tests, benchmarks)
     fake_delay: float = FAKE_DELAY
     tasks: tuple[str, ...] = TASKS  # what it serves its model for: generating text, embedding inputs

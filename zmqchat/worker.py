@@ -364,7 +364,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     from zmqchat.engine.model_runner import slots_from_memory
 
     loaded = models.load(config.model_path, config.model_name, config.device, config.dtype, config.quantize)
-    runner = HFRunner(loaded, config.max_tokens_in_flight)
+    runner = HFRunner(loaded, config.max_tokens_in_flight, compile=config.compile)
     slots = config.max_batch or slots_from_memory(runner.token_budget)
     log.info("%d slots, %d tokens of KV cache", slots, runner.token_budget)
     return Engine(runner, slots, config.tasks, config.step_tokens), loaded.description

@@ -8,9 +8,11 @@ longest chunk and longest context, and hands the real tokens back as one flat ro
 
 The step's layout (StepPlan: slots to write, keys to read, masks) is built once per step and
 shared by every layer; transformers passes it through the model's forward to `paged_attention`,
-registered as the attention implementation "zmqchat_paged". A forward without a plan (the
-embeddings' padded batch, transformers' own generate) is plain SDPA with transformers' masks. Sliding-window layers get a windowed mask; layers with
-soft-capped logits (Gemma 2) are computed without SDPA, which has no soft cap.
+registered as the attention implementation "zmqchat_paged", which calls one operator of its
+own, `zmqchat::planned_attention`, for each layer. A forward without a plan (the embeddings'
+padded batch, transformers' own generate) is plain SDPA with transformers' masks.
+Sliding-window layers get a windowed mask; layers with soft-capped logits (Gemma 2) are
+computed without SDPA, which has no soft cap.
 """
 
 from __future__ import annotations
@@ -37,19 +39,19 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 class PagedKV:
-    """Each layer's keys and values, [slots, kv_heads, head_dim], slots = blocks x block_size."""
+    """Each layer's keys and values together, [slots, 2, kv_heads, head_dim], slots = blocks x
+    block_size: a step writes a layer's new keys and values with one copy and reads them with
+    one gather."""
 
     def __init__(self, config, num_blocks: int, block_size: int, dtype, device):
         layers, kv_heads, head_dim = kv_shape(config)
         self.block_size = block_size
         # Never written, so never touched in memory until used (torch.empty): only the null
         # block is zeroed, as the keys and values that padding reads.
-        self.keys = [torch.empty(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, device=device)
-                     for _ in range(layers)]
-        self.values = [torch.empty_like(k) for k in self.keys]
-        null = slice(NULL_BLOCK * block_size, (NULL_BLOCK + 1) * block_size)
-        for pool in self.keys + self.values:
-            pool[null].zero_()
+        self.layers = [torch.empty(num_blocks * block_size, 2, kv_heads, head_dim, dtype=dtype, device=device)
+                       for _ in range(layers)]
+        for pool in self.layers:
+            pool[NULL_BLOCK * block_size:(NULL_BLOCK + 1) * block_size].zero_()
 
 
 @dataclass
@@ -60,19 +62,19 @@ class StepPlan:
     positions: torch.Tensor  # [N]: each new token's position in its sequence
     write_slots: torch.Tensor  # [N]: each new token's slot in the pool
     query_index: torch.Tensor  # [B, Tq]: the flat index of each chunk's t-th token (0 for padding)
-    query_valid: torch.Tensor  # [B, Tq]: whether it is a token, not padding
     query_positions: torch.Tensor  # [B, Tq]: its position (0 for padding, which attends to a null key)
     key_slots: torch.Tensor  # [B, Lk]: the slot of each sequence's j-th key (the null block's past its end)
-    masks: dict = field(default_factory=dict)  # by sliding window (None: full): [B, 1, Tq, Lk]
+    token_rows: torch.Tensor  # [N]: each new token's row among the B x Tq padded queries
+    masks: dict = field(default_factory=dict)  # by sliding window (0: none), once per step: [B, 1, Tq, Lk]
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """Causal, and within `window` of the query where a layer slides (as transformers: q - k < window)."""
+    def mask(self, window: int) -> torch.Tensor:
+        """Causal, and within `window` of the query where a layer slides (q - k < window)."""
         if window not in self.masks:
-            keys = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
+            key_positions = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
             query = self.query_positions[..., None]
-            allowed = keys <= query
-            if window is not None:
-                allowed &= keys > query - window
+            allowed = key_positions <= query
+            if window:
+                allowed &= key_positions > query - window
             self.masks[window] = allowed[:, None]
         return self.masks[window]
 
@@ -92,7 +94,7 @@ def plan_step(kv: PagedKV, chunks: list[tuple[list[int], int, int]], device) -> 
     slots = (table[..., None] * size + torch.arange(size, device=device)).flatten(1)[:, :int(ends.max())]
     key_slots = torch.where(torch.arange(slots.shape[1], device=device) < ends[:, None], slots, NULL_BLOCK * size)
     return StepPlan(kv, query_positions[query_valid], key_slots.gather(1, query_positions)[query_valid],
-                    query_index, query_valid, query_positions, key_slots)
+                    query_index, query_positions, key_slots, query_valid.flatten().nonzero()[:, 0])
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None,
@@ -106,18 +108,36 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, sli
             return _softcapped_attention(query, key, value, mask, scaling, softcap).transpose(1, 2), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    keys, values = step.kv.keys[module.layer_idx], step.kv.values[module.layer_idx]
-    keys.index_copy_(0, step.write_slots, key[0].transpose(0, 1))
-    values.index_copy_(0, step.write_slots, value[0].transpose(0, 1))
-    q = query[0].transpose(0, 1)[step.query_index].transpose(1, 2)  # [B, Hq, Tq, D]
-    k = keys[step.key_slots].transpose(1, 2)  # [B, Hkv, Lk, D]
-    v = values[step.key_slots].transpose(1, 2)
-    mask = step.mask(sliding_window)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-    else:
+    return planned_attention(query, key, value, step.kv.layers[module.layer_idx], step.write_slots,
+                             step.query_index, step.key_slots, step.token_rows, step.mask(sliding_window or 0),
+                             scaling or query.shape[-1] ** -0.5, softcap or 0.0), None
+
+
+# An operator of its own, opaque to torch.compile (as vLLM's attention is): the compiled graph
+# around it depends only on the step's token count, not on its chunks' layout, which would make
+# every new layout a new graph.
+@torch.library.custom_op("zmqchat::planned_attention", mutates_args=("pool",))
+def planned_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pool: torch.Tensor,
+                      write_slots: torch.Tensor, query_index: torch.Tensor, key_slots: torch.Tensor,
+                      token_rows: torch.Tensor, mask: torch.Tensor, scaling: float,
+                      softcap: float) -> torch.Tensor:
+    """One layer's attention for a step (see StepPlan) over its `pool` (PagedKV); softcap 0 for none."""
+    pool.index_copy_(0, write_slots, torch.stack([key[0], value[0]]).permute(2, 0, 1, 3))
+    k, v = pool[key_slots].permute(2, 0, 3, 1, 4)  # each [B, Hkv, Lk, D]
+    decoding = query_index.shape[1] == 1  # every chunk one token: the flat row is already one query per chunk
+    q = query[0].transpose(0, 1)[:, :, None] if decoding else query[0].transpose(0, 1)[query_index].transpose(1, 2)
+    if softcap:
         out = _softcapped_attention(q, k, v, mask, scaling, softcap)
-    return out.transpose(1, 2)[step.query_valid][None], None
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+    out = out.transpose(1, 2).flatten(0, 1)  # [B x Tq, Hq, D]
+    return (out if decoding else out[token_rows])[None]
+
+
+@planned_attention.register_fake
+def _(query, key, value, pool, write_slots, query_index, key_slots, token_rows, mask, scaling, softcap):
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
 
 
 def _causal_mask(query, key):

@@ -108,7 +108,8 @@ class Engine:
         if not self.scheduler.fits_alone(seq):
             raise JobError(ErrorCode.INVALID_REQUEST,
                            f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({seq.max_tokens}) is more than "
-                           f"this worker's KV cache holds ({self.scheduler.max_tokens} tokens); ask for fewer max_tokens")
+                           f"this worker's KV cache holds ({self.scheduler.max_tokens} tokens); "
+                           "ask for fewer max_tokens")
         return seq
 
     def add(self, seq: Sequence | EmbedJob) -> None:

@@ -8,11 +8,12 @@ no tensor: they only change which blocks are whose.
 
 Automatic prefix caching, as vLLM's: once a block is full and its KV computed, it is keyed by
 a hash of its tokens and of all the tokens before it (BLAKE2, as vLLM moved to SHA-256: with
-Python's own hash a client could craft a prompt that collides with another's and read its KV). A new prompt takes over the longest run
-of its leading blocks that are cached, from running sequences or from finished ones, and its
-prefill starts after them. A finished sequence's blocks stay cached until a block is needed
-and none is free: then the least recently released goes (blocks without a hash first, and a
-sequence's last blocks before its first ones, which other prompts are likelier to share).
+Python's own hash a client could craft a prompt that collides with another's and read its KV).
+A new prompt takes over the longest run of its leading blocks that are cached, from running
+sequences or from finished ones, and its prefill starts after them. A finished sequence's
+blocks stay cached until a block is needed and none is free: then the least recently released
+goes (blocks without a hash first, and a sequence's last blocks before its first ones, which
+other prompts are likelier to share).
 
 Admission reserves every block a sequence may need (its prompt and max_tokens), so a running
 sequence never waits for memory and none is ever preempted.

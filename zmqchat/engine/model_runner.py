@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
+import time
 from functools import cached_property
 
 import torch
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from zmqchat.config import BLOCK_SIZE, CPU_KV_CACHE_BYTES, MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
-from zmqchat.engine.attention import ATTENTION, STEP_ARGUMENT, PagedKV, kv_shape, plan_step
-from zmqchat.engine.kv_cache import blocks_holding
+from zmqchat.engine.attention import ATTENTION, STEP_ARGUMENT, PagedKV, StepPlan, kv_shape, plan_step
+from zmqchat.engine.kv_cache import NULL_BLOCK, blocks_holding
 from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
 from zmqchat.engine.scheduler import Batch, Chunk
 from zmqchat.engine.sequence import Sequence
@@ -40,12 +42,14 @@ from zmqchat.models import LoadedModel, LoadError
 from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError
 from zmqchat.tools import fallback_conversation
 
+log = logging.getLogger("zmqchat.engine")
+
 # End-of-turn markers of common chat templates; any that is a single token ends a sequence.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 class HFRunner:
-    def __init__(self, loaded: LoadedModel, max_tokens_in_flight: int | None = None):
+    def __init__(self, loaded: LoadedModel, max_tokens_in_flight: int | None = None, compile: bool = False):
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         # Prompts are encoded on the worker's preparing thread while the engine thread decodes:
         # each gets its own tokenizer, since a fast tokenizer is not safe to share across threads.
@@ -70,6 +74,10 @@ class HFRunner:
                             f"zmqchat's paged KV cache needs: {exc}") from None
         self.num_blocks = blocks_holding(self.token_budget, BLOCK_SIZE)
         self.kv = PagedKV(config, self.num_blocks, BLOCK_SIZE, self.model.dtype, self.device)
+        # The plan says what each token attends to, so transformers need build no mask: a 4D
+        # attention mask is taken as ready-made (and the planned attention never reads it).
+        self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self.forward = self._compiled_forward() if compile else self.model
 
     # -- the tokenizer --------------------------------------------------------------------------
 
@@ -147,9 +155,7 @@ class HFRunner:
             step = plan_step(self.kv, [(c.seq.blocks, c.start, c.end) for c in batch.chunks], self.device)
             ids = torch.tensor([t for c in batch.chunks for t in c.seq.token_ids(c.start, c.end)], device=self.device)
             wanted = LogitRows(batch.chunks)
-            logits = self.model(input_ids=ids[None], position_ids=step.positions[None], use_cache=False,
-                                logits_to_keep=torch.tensor(wanted.positions, dtype=torch.long, device=self.device),
-                                **{STEP_ARGUMENT: step}).logits[0]
+            logits = self._step(ids, step, torch.tensor(wanted.positions, dtype=torch.long, device=self.device))
             for seq, rows, targets in wanted.scored:
                 seq.prompt_logprobs += prompt_logprobs(logits[rows][None], torch.tensor([targets], device=self.device),
                                                        seq.params.prompt_logprobs)[0]
@@ -157,6 +163,34 @@ class HFRunner:
             if not seqs:
                 return [], []
             return sample(logits[wanted.sampled], seqs, [s.generator for s in seqs], self.stop_token_ids)
+
+    def _step(self, ids: torch.Tensor, step: StepPlan, keep: torch.Tensor, forward=None) -> torch.Tensor:
+        """The logits of the flat row `ids` at the positions `keep`."""
+        return (forward or self.forward)(input_ids=ids[None], position_ids=step.positions[None],
+                                         attention_mask=self.no_mask, use_cache=False, logits_to_keep=keep,
+                                         **{STEP_ARGUMENT: step}).logits[0]
+
+    def _compiled_forward(self):
+        """The model's forward through torch.compile, compiled here by one step of two tokens
+        (in a free block) so that no request waits for it; the model as it is if that fails."""
+        compiled = torch.compile(self.model, dynamic=True)
+
+        def forward(**inputs):
+            _unspecialised(inputs)
+            return compiled(**inputs)
+
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                step = plan_step(self.kv, [([NULL_BLOCK + 1], 0, 2)], self.device)
+                keep = torch.tensor([1], device=self.device)
+                self._step(torch.tensor([self.pad_id] * 2, device=self.device), step, keep, forward)
+        except Exception as exc:  # torch.compile's errors have no common base; eager still serves
+            log.warning("torch.compile failed after %.0f s, the model runs eager: %s",
+                        time.perf_counter() - started, exc)
+            return self.model
+        log.info("compiled the model's step in %.0f s", time.perf_counter() - started)
+        return forward
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Each input's mean-pooled, normalised last hidden state. Inputs are padded on the
@@ -212,6 +246,19 @@ def _function_dict(function: Function) -> dict:
     described = {"name": function.name, "description": function.description} if function.description \
         else {"name": function.name}
     return {**described, "parameters": json.loads(function.parameters) if function.parameters else {}}
+
+
+def _unspecialised(inputs: dict) -> None:
+    """Mark the sizes that change from step to step (tokens, chunks, keys, logits kept) as
+    unbacked, so that one compiled graph serves every step: torch.compile would otherwise
+    specialise on the first sizes it sees and on sizes of 1, compiling again for each."""
+    step: StepPlan = inputs[STEP_ARGUMENT]
+    varying = [(inputs["input_ids"], (1,)), (inputs["position_ids"], (1,)), (inputs["logits_to_keep"], (0,)),
+               (step.positions, (0,)), (step.write_slots, (0,)), (step.token_rows, (0,)),
+               (step.query_index, (0, 1)), (step.query_positions, (0, 1)), (step.key_slots, (0, 1))]
+    for tensor, dims in varying:
+        for dim in dims:
+            torch._dynamo.decorators.mark_unbacked(tensor, dim)
 
 
 def slots_from_memory(token_budget: int) -> int:
