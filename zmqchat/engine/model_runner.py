@@ -12,6 +12,10 @@ cache is copied when a sequence joins or leaves. Only the logits the step needs 
 the last position of each sequence that gets a token, and every prompt position of a sequence
 whose job asked for its prompt's logprobs.
 
+With `compile`, the model's forward goes through torch.compile, compiled once at start: the
+attention is an opaque operator and every size that changes between steps is unbacked, so
+one graph serves every step. README, Performance, has its figures: served, it is slower so far.
+
 `embed()` runs inputs through the model without generating (no KV cache is kept): an input's
 embedding is its last hidden states (the base model's output, after its final norm: what the LM
 head reads) averaged over its own tokens, scaled to unit length.
