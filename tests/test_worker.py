@@ -1,4 +1,4 @@
-"""The worker's own faults: an engine thread that dies, a broker that is gone when it is told to
+"""The worker's own faults: an engine that dies, a broker that is gone when it is told to
 stop, a prompt so large that tokenising it could stall everyone else's stream; and how many
 sequences it takes at once."""
 
@@ -51,6 +51,43 @@ def test_a_dead_engine_thread_fails_its_jobs_leaves_the_broker_and_exits_non_zer
         thread.join(timeout=5)
         assert status == [1]
         wait_for(lambda: not running.broker.workers, 5, "the broker to let the worker go")
+    finally:
+        running.stop()
+
+
+class RecordsItsThreads(Engine):
+    """An engine that notes each thread it steps on."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.threads: set[int] = set()
+
+    def step(self):
+        self.threads.add(threading.get_ident())
+        return super().step()
+
+
+def test_the_engine_steps_on_the_thread_that_runs_the_worker():
+    """The thread that loaded the model computes with it (worker.py says why: OpenMP's pools)."""
+    running = Running()
+    try:
+        engine = RecordsItsThreads(FakeRunner(), 4)
+        worker = Worker(WorkerConfig(broker=running.config.backend, fake=True), engine, "fake", running.context)
+        runner_thread = threading.Thread(target=worker.run, daemon=True)
+        runner_thread.start()
+        frontend = running("frontend")
+        wait_for(lambda: running.broker.workers, 5, "the worker to join")
+        frontend.send(p.Submit(id="one", model="fake", timeout=30.0, messages=[p.ChatMessage("user", "hello")]))
+        finished = False
+        while not finished:
+            message = frontend.recv()
+            assert isinstance(message, p.Step), f"the reply never finished: {message}"
+            finished = any(output.finish for output in message.outputs)
+        worker.stop()
+        worker.stop()  # the second signal: stop now
+        runner_thread.join(timeout=10)
+        assert not runner_thread.is_alive()
+        assert engine.threads == {runner_thread.ident}
     finally:
         running.stop()
 

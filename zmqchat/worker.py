@@ -3,11 +3,18 @@
 Three threads, each command passing through them in order. The socket thread owns the
 DEALER to the broker: it hands jobs and cancels to the preparing thread, forwards the
 engine's messages, and heartbeats. The preparing thread turns each job into a Sequence
-(tokenising its prompt, which for a long prompt takes a while) so that the engine thread
-never waits for it. The engine thread owns the Engine: it adds prepared sequences, applies
-cancels, runs steps, and pushes each step's outputs (one STEP message, whatever the number
-of sequences) down an inproc socket. Because the model computes on the engine thread,
-heartbeats keep going during generation.
+(tokenising its prompt, which for a long prompt takes a while) so that the engine never
+waits for it. The engine owns the model: it adds prepared sequences, applies cancels, runs
+steps, and pushes each step's outputs (one STEP message, whatever the number of sequences)
+down an inproc socket. Because the model computes apart from the socket thread, heartbeats
+keep going during generation.
+
+The engine runs on the thread that loaded (and compiled) the model, the process's main
+thread, and no other thread computes with torch. OpenMP (libgomp) keeps a pool of threads
+for each thread that runs parallel work; once the pools hold more threads than there are
+cores, libgomp stops spin-waiting between parallel regions and every region waits to be
+woken. A model loaded on one thread and run on another had two pools: its steps were 7%
+slower eager, and compiled (whose steps are many short regions) 1.8 times slower.
 
 Liveness follows the ZeroMQ Guide's Paranoid Pirate worker: a broker silent for
 HEARTBEAT_LIVENESS intervals is presumed dead; the worker drops the jobs it was running
@@ -16,7 +23,7 @@ READY again. A broker that does not know the worker says DISCONNECT, with the sa
 A send that cannot complete within a heartbeat (no connection: the broker is gone, or
 refused this worker's CURVE key, which the worker logs) counts as a lost broker too.
 
-If the engine thread dies (vLLM's "engine dead"), the worker fails every job it holds with
+If the engine dies (vLLM's "engine dead"), the worker fails every job it holds with
 an error, tells the broker it is leaving, and exits with status 1 for a supervisor to restart it.
 """
 
@@ -45,7 +52,8 @@ log = logging.getLogger("zmqchat.worker")
 
 RECONNECT_MAX = 8.0  # longest back-off between reconnect attempts, in seconds
 DRAIN_POLL = 0.1  # how often a draining worker checks whether it is done
-ENGINE_IDLE_WAIT = 0.5  # how often an idle engine thread checks whether to stop
+ENGINE_IDLE_WAIT = 0.5  # how often an idle engine checks whether to stop
+THREAD_STOP_WAIT = 5.0  # seconds a stopping worker waits for a thread to finish
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -63,7 +71,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.context = context or zmq.Context.instance()
         self.jobs: queue.Queue = queue.Queue()  # socket thread -> preparing thread
-        self.inbox: queue.Queue = queue.Queue()  # preparing thread -> engine thread
+        self.inbox: queue.Queue = queue.Queue()  # preparing thread -> engine
         self.outputs_address = f"inproc://engine-{self.worker_id}"
         self.outputs = self.context.socket(zmq.PULL)
         self.outputs.bind(self.outputs_address)
@@ -71,25 +79,40 @@ class Worker:
         self.monitor: zmq.Socket | None = None
         self.running = True
         self.drain_deadline: float | None = None  # set by the first SIGTERM or SIGINT
-        self.engine_dead = False  # set by the engine thread as it dies
+        self.engine_dead = False  # set by the engine as it dies
+        self.socket_dead = False  # set by the socket thread as it dies
         self.liveness = config.heartbeat_interval * config.heartbeat_liveness
 
-    # -- socket thread ------------------------------------------------------------------------
-
     def run(self) -> int:
-        """Serve until stopped; the exit status: 1 if the engine died, else 0."""
+        """Serve until stopped; the exit status: 1 if the engine or the socket thread died, else 0.
+        The engine runs on the calling thread (see above), the others on threads of their own."""
+        engine_done = threading.Event()
         threads = [threading.Thread(target=self._prepare_loop, name="prepare", daemon=True),
-                   threading.Thread(target=self._engine_loop, name="engine", daemon=True)]
+                   threading.Thread(target=self._socket_loop, args=(engine_done,), name="socket", daemon=True)]
         for thread in threads:
             thread.start()
         try:
+            self._engine_loop()
+        finally:
+            engine_done.set()
+            for thread in threads:
+                thread.join(timeout=THREAD_STOP_WAIT)
+        return 1 if self.engine_dead or self.socket_dead else 0
+
+    # -- socket thread ------------------------------------------------------------------------
+
+    def _socket_loop(self, engine_done: threading.Event) -> None:
+        """Serve the broker until stopped, then stop the engine (through the preparing thread,
+        so that it first takes every job handed on) and send its last words."""
+        try:
             self._serve()
+        except Exception:
+            log.exception("the socket thread died; stopping the worker")
+            self.socket_dead = True
         finally:
             self.jobs.put(None)
-            for thread in threads:
-                thread.join(timeout=5)
+            engine_done.wait(timeout=THREAD_STOP_WAIT)
             self._say_goodbye()
-        return 1 if self.engine_dead else 0
 
     def _serve(self) -> None:
         self._connect()
@@ -265,7 +288,7 @@ class Worker:
             self.inbox.put(item)
         self.inbox.put(None)
 
-    # -- engine thread ------------------------------------------------------------------------
+    # -- the engine (on the main thread) ------------------------------------------------------
 
     def _engine_loop(self) -> None:
         out = self.context.socket(zmq.PUSH)
@@ -274,7 +297,7 @@ class Worker:
         try:
             self._run_engine(send)
         except Exception as exc:
-            log.exception("the engine thread died; failing its jobs and leaving")
+            log.exception("the engine died; failing its jobs and leaving")
             for job_id in self._jobs_held():
                 send(p.Error(job_id, ErrorCode.ENGINE_ERROR, f"the worker's engine died: {exc!r}"))
             self.engine_dead = True
