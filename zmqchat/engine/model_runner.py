@@ -14,7 +14,8 @@ whose job asked for its prompt's logprobs.
 
 With `compile`, the model's forward goes through torch.compile, compiled once at start: the
 attention is an opaque operator and every size that changes between steps is unbacked, so
-one graph serves every step. README, Performance, has its figures: served, it is slower so far.
+one graph serves every step. It must run on the thread that compiled it (worker.py says why).
+README, Performance, has its figures (run J).
 
 `embed()` runs inputs through the model without generating (no KV cache is kept): an input's
 embedding is its last hidden states (the base model's output, after its final norm: what the LM
@@ -159,7 +160,8 @@ class HFRunner:
             step = plan_step(self.kv, [(c.seq.blocks, c.start, c.end) for c in batch.chunks], self.device)
             ids = torch.tensor([t for c in batch.chunks for t in c.seq.token_ids(c.start, c.end)], device=self.device)
             wanted = LogitRows(batch.chunks)
-            logits = self._step(ids, step, torch.tensor(wanted.positions, dtype=torch.long, device=self.device))
+            keep = torch.tensor(wanted.positions, dtype=torch.long, device=self.device)
+            logits = self.forward(**self._inputs(ids, step, keep)).logits[0]
             for seq, rows, targets in wanted.scored:
                 seq.prompt_logprobs += prompt_logprobs(logits[rows][None], torch.tensor([targets], device=self.device),
                                                        seq.params.prompt_logprobs)[0]
@@ -168,11 +170,10 @@ class HFRunner:
                 return [], []
             return sample(logits[wanted.sampled], seqs, [s.generator for s in seqs], self.stop_token_ids)
 
-    def _step(self, ids: torch.Tensor, step: StepPlan, keep: torch.Tensor, forward=None) -> torch.Tensor:
-        """The logits of the flat row `ids` at the positions `keep`."""
-        return (forward or self.forward)(input_ids=ids[None], position_ids=step.positions[None],
-                                         attention_mask=self.no_mask, use_cache=False, logits_to_keep=keep,
-                                         **{STEP_ARGUMENT: step}).logits[0]
+    def _inputs(self, ids: torch.Tensor, step: StepPlan, keep: torch.Tensor) -> dict:
+        """The model's arguments for one step: the flat row `ids`, its logits at the positions `keep`."""
+        return {"input_ids": ids[None], "position_ids": step.positions[None], "attention_mask": self.no_mask,
+                "use_cache": False, "logits_to_keep": keep, STEP_ARGUMENT: step}
 
     def _compiled_forward(self):
         """The model's forward through torch.compile, compiled here by one step of two tokens
@@ -188,7 +189,7 @@ class HFRunner:
             with torch.inference_mode():
                 step = plan_step(self.kv, [([NULL_BLOCK + 1], 0, 2)], self.device)
                 keep = torch.tensor([1], device=self.device)
-                self._step(torch.tensor([self.pad_id] * 2, device=self.device), step, keep, forward)
+                forward(**self._inputs(torch.tensor([self.pad_id] * 2, device=self.device), step, keep))
         except Exception as exc:  # torch.compile's errors have no common base; eager still serves
             log.warning("torch.compile failed after %.0f s, the model runs eager: %s",
                         time.perf_counter() - started, exc)
