@@ -108,22 +108,22 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, sli
             return _softcapped_attention(query, key, value, mask, scaling, softcap).transpose(1, 2), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    return planned_attention(query, key, value, step.kv.layers[module.layer_idx], step.write_slots,
-                             step.query_index, step.key_slots, step.token_rows, step.mask(sliding_window or 0),
-                             scaling or query.shape[-1] ** -0.5, softcap or 0.0), None
+    # Compiled, the attention is an operator of its own; eager, the function itself: the
+    # operator's dispatch runs in Python, about 0.3 ms a layer, a tenth of a decode step.
+    attend = planned_attention if torch.compiler.is_compiling() else attend_as_planned
+    return attend(query, key, value, step.kv.layers[module.layer_idx], step.write_slots, step.query_index,
+                  step.key_slots, step.token_rows, step.mask(sliding_window or 0),
+                  scaling or query.shape[-1] ** -0.5, softcap or 0.0), None
 
 
-# An operator of its own, opaque to torch.compile (as vLLM's attention is): the compiled graph
-# around it depends only on the step's token count, not on its chunks' layout, which would make
-# every new layout a new graph.
-@torch.library.custom_op("zmqchat::planned_attention", mutates_args=("pool",))
-def planned_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pool: torch.Tensor,
+def attend_as_planned(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pool: torch.Tensor,
                       write_slots: torch.Tensor, query_index: torch.Tensor, key_slots: torch.Tensor,
                       token_rows: torch.Tensor, mask: torch.Tensor, scaling: float,
                       softcap: float) -> torch.Tensor:
     """One layer's attention for a step (see StepPlan) over its `pool` (PagedKV); softcap 0 for none."""
     pool.index_copy_(0, write_slots, torch.stack([key[0], value[0]]).permute(2, 0, 1, 3))
-    k, v = pool[key_slots].permute(2, 0, 3, 1, 4)  # each [B, Hkv, Lk, D]
+    # index_select, not pool[key_slots]: on a CPU it gathers 2 to 5 times faster.
+    k, v = pool.index_select(0, key_slots.flatten()).unflatten(0, key_slots.shape).permute(2, 0, 3, 1, 4)
     decoding = query_index.shape[1] == 1  # every chunk one token: the flat row is already one query per chunk
     q = query[0].transpose(0, 1)[:, :, None] if decoding else query[0].transpose(0, 1)[query_index].transpose(1, 2)
     if softcap:
@@ -133,6 +133,12 @@ def planned_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                                              enable_gqa=q.shape[1] != k.shape[1])
     out = out.transpose(1, 2).flatten(0, 1)  # [B x Tq, Hq, D]
     return (out if decoding else out[token_rows])[None]
+
+
+# An operator of its own, opaque to torch.compile (as vLLM's attention is): the compiled graph
+# around it depends only on the step's token count, not on its chunks' layout, which would make
+# every new layout a new graph.
+planned_attention = torch.library.custom_op("zmqchat::planned_attention", attend_as_planned, mutates_args=("pool",))
 
 
 @planned_attention.register_fake
