@@ -55,6 +55,29 @@ def test_a_dead_engine_thread_fails_its_jobs_leaves_the_broker_and_exits_non_zer
         running.stop()
 
 
+class ServeBreaks(Worker):
+    """A worker with a bug in its socket loop, once it has joined the broker."""
+
+    def _announce(self):
+        super()._announce()
+        raise RuntimeError("a bug in the socket loop")
+
+
+def test_a_dead_socket_thread_stops_the_worker_with_status_one():
+    running = Running()
+    try:
+        worker = ServeBreaks(WorkerConfig(broker=running.config.backend, fake=True), Engine(FakeRunner()), "fake",
+                             running.context)
+        status = []
+        thread = threading.Thread(target=lambda: status.append(worker.run()), daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert status == [1]
+        wait_for(lambda: not running.broker.workers, 5, "the broker to let the worker go")
+    finally:
+        running.stop()
+
+
 class RecordsItsThreads(Engine):
     """An engine that notes each thread it steps on."""
 
