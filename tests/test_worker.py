@@ -20,6 +20,17 @@ from zmqchat.engine.model_runner import slots_from_memory
 from zmqchat.worker import Worker
 
 
+def start_worker(running: Running, engine: Engine,
+                 kind: type[Worker] = Worker) -> tuple[Worker, threading.Thread, list]:
+    """A worker of `kind` on `engine`, joined to `running`'s broker and run on a thread of its
+    own: the worker, the thread, and a list that gets run()'s exit status when it returns."""
+    worker = kind(WorkerConfig(broker=running.config.backend, fake=True), engine, "fake", running.context)
+    status = []
+    thread = threading.Thread(target=lambda: status.append(worker.run()), daemon=True)
+    thread.start()
+    return worker, thread, status
+
+
 class CancelBreaks(Engine):
     """An engine with a bug where the worker applies cancels, outside any step."""
 
@@ -30,11 +41,7 @@ class CancelBreaks(Engine):
 def test_a_dead_engine_thread_fails_its_jobs_leaves_the_broker_and_exits_non_zero():
     running = Running()
     try:
-        engine = CancelBreaks(FakeRunner(delay=0.05))
-        worker = Worker(WorkerConfig(broker=running.config.backend, fake=True), engine, "fake", running.context)
-        status = []
-        thread = threading.Thread(target=lambda: status.append(worker.run()), daemon=True)
-        thread.start()
+        _, thread, status = start_worker(running, CancelBreaks(FakeRunner(delay=0.05)))
         frontend = running("frontend")
         wait_for(lambda: running.broker.workers, 5, "the worker to join")
         words = " ".join(["word"] * 200)
@@ -66,11 +73,7 @@ class ServeBreaks(Worker):
 def test_a_dead_socket_thread_stops_the_worker_with_status_one():
     running = Running()
     try:
-        worker = ServeBreaks(WorkerConfig(broker=running.config.backend, fake=True), Engine(FakeRunner()), "fake",
-                             running.context)
-        status = []
-        thread = threading.Thread(target=lambda: status.append(worker.run()), daemon=True)
-        thread.start()
+        _, thread, status = start_worker(running, Engine(FakeRunner()), ServeBreaks)
         thread.join(timeout=10)
         assert status == [1]
         wait_for(lambda: not running.broker.workers, 5, "the broker to let the worker go")
@@ -95,9 +98,7 @@ def test_the_engine_steps_on_the_thread_that_runs_the_worker():
     running = Running()
     try:
         engine = RecordsItsThreads(FakeRunner(), 4)
-        worker = Worker(WorkerConfig(broker=running.config.backend, fake=True), engine, "fake", running.context)
-        runner_thread = threading.Thread(target=worker.run, daemon=True)
-        runner_thread.start()
+        worker, runner_thread, status = start_worker(running, engine)
         frontend = running("frontend")
         wait_for(lambda: running.broker.workers, 5, "the worker to join")
         frontend.send(p.Submit(id="one", model="fake", timeout=30.0, messages=[p.ChatMessage("user", "hello")]))
@@ -109,7 +110,7 @@ def test_the_engine_steps_on_the_thread_that_runs_the_worker():
         worker.stop()
         worker.stop()  # the second signal: stop now
         runner_thread.join(timeout=10)
-        assert not runner_thread.is_alive()
+        assert status == [0]
         assert engine.threads == {runner_thread.ident}
     finally:
         running.stop()
