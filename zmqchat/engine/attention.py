@@ -8,9 +8,10 @@ longest chunk and longest context, and hands the real tokens back as one flat ro
 
 The step's layout (StepPlan: slots to write, keys to read, masks) is built once per step and
 shared by every layer; transformers passes it through the model's forward to `paged_attention`,
-registered as the attention implementation "zmqchat_paged", which calls one operator of its
-own, `zmqchat::planned_attention`, for each layer. A forward without a plan (the embeddings'
-padded batch, transformers' own generate) is plain SDPA with transformers' masks.
+registered as the attention implementation "zmqchat_paged". A step being compiled sees each
+layer's attention as one operator of its own, `zmqchat::planned_attention`; an eager step calls
+the same function directly. A forward without a plan (the embeddings' padded batch,
+transformers' own generate) is plain SDPA with transformers' masks.
 Sliding-window layers get a windowed mask; layers with soft-capped logits (Gemma 2) are
 computed without SDPA, which has no soft cap.
 """

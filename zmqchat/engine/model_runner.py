@@ -14,7 +14,7 @@ whose job asked for its prompt's logprobs.
 
 With `compile`, the model's forward goes through torch.compile, compiled once at start: the
 attention is an opaque operator and every size that changes between steps is unbacked, so
-one graph serves every step. It must run on the thread that compiled it (worker.py says why).
+one graph serves every step. It runs fastest on the thread that compiled it (worker.py says why).
 README, Performance, has its figures (run J).
 
 `embed()` runs inputs through the model without generating (no KV cache is kept): an input's
