@@ -158,6 +158,30 @@ def test_bench_runs_each_level_again_with_a_fraction_under_a_json_schema(cluster
     assert "fake engine cannot constrain" in schema["errors"][0]
 
 
+def test_bench_keeps_greedy_answers_and_compares_another_run_with_them(cluster, tmp_path):
+    cluster.broker()
+    cluster.worker()
+    cluster.api()
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    command = [sys.executable, "-m", "zmqchat", "bench", "--base-url", f"{cluster.url}/v1", "--model", "fake",
+               "--concurrency", "1", "--requests", "1", "--max-tokens", "5"]
+    subprocess.run([*command, "--answers", "--output", str(first)], capture_output=True, text=True, timeout=120,
+                   check=True)
+    answers = json.loads(first.read_text())["answers"]
+    assert len(answers) == 16 and answers[0] != answers[1] and all(answers)  # the fake echoes each prompt
+    out = subprocess.run([*command, "--agreement-with", str(first), "--output", str(second)], capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert f"replies the same as {first}'s: 16/16" in out.stdout
+    assert json.loads(second.read_text())["agreement"]["identical"] == 16
+
+
+def test_bench_agreement_counts_a_missing_answer_as_different_from_its_first_character():
+    from zmqchat.bench import agreement
+
+    assert agreement(["Paris is", "abc", None], ["Paris was", "abc", "x"]) == {
+        "identical": 1, "prompts": 3, "mean_prefix_chars": (6 + 3 + 0) / 3}
+
+
 def test_bench_spreads_the_constrained_requests_evenly():
     from zmqchat.bench import constrained
 

@@ -28,6 +28,11 @@ def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
 
 
+def test_the_worker_says_it_serves_float16_weights_on_a_cpu_and_bfloat16_on_a_gpu(module_cluster, server):
+    device = module_cluster.status()["workers"][0]["device"]
+    assert device == "cpu float32 fp16" if DEVICE == "cpu" else device.endswith(" bfloat16")
+
+
 def test_models_list_names_the_default_model(client):
     assert [m.id for m in client.models.list()] == [DEFAULT_MODEL_NAME]
 
@@ -135,10 +140,11 @@ def test_completion_continues_raw_text(client):
 
 @pytest.fixture(scope="module")
 def model():
-    """The default model loaded here, as the worker loads it, to check what the server says against."""
+    """The default model loaded here, as the worker loads it (its weights in the format --quantize
+    auto picks), to check what the server says against."""
     from zmqchat import models
 
-    return models.load(device=DEVICE)
+    return models.load(device=DEVICE, quantize="auto")
 
 
 def direct_logprobs(model, ids: list[int]) -> list[float]:

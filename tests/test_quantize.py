@@ -1,18 +1,51 @@
-"""Lighter weights (--quantize): the int4 layer's arithmetic, and the default model served in
-each format through a real worker."""
+"""Lighter weights (--quantize): which format auto picks, the int4 layer's arithmetic, and the
+default model served in each format through a real worker."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from openai import OpenAI
 from test_engine import job, run_to_end, submit
 from torch import nn
 
 from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
-from zmqchat.models import DEFAULT_MODEL_NAME
-from zmqchat.quantize import INT4_GROUP, Int4Linear, quantize_groups
+from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
+from zmqchat.quantize import INT4_GROUP, Int4Linear, chosen, quantize, quantize_groups
+
+
+def tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_auto_serves_float32_weights_on_a_cpu_in_float16_and_others_as_they_are():
+    assert chosen("auto", tiny_llama()) == "fp16"  # this x86 CPU has fbgemm
+    assert chosen("auto", tiny_llama().bfloat16()) == "none"
+    assert chosen("int4", tiny_llama()) == "int4"
+
+
+def test_fp16_refuses_a_model_loaded_in_another_dtype_with_the_option_to_use():
+    with pytest.raises(LoadError, match=r"--dtype auto or float32\), not bfloat16"):
+        quantize(tiny_llama().bfloat16(), "fp16")
+
+
+def test_fp16_computes_in_float32_with_its_weights_rounded_to_float16():
+    model, rounded = tiny_llama(), tiny_llama()
+    with torch.no_grad():
+        for linear in [m for m in rounded.modules() if isinstance(m, nn.Linear)]:
+            linear.weight.copy_(linear.weight.half().float())
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.inference_mode():
+        expected = rounded(ids).logits
+        got = quantize(model, "fp16")(ids).logits
+    assert got.dtype == torch.float32
+    # float32 sums of float16 weights (the LM head's too), not float16 arithmetic (~1e-3 off)
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_int4_codes_rebuild_weights_already_on_a_4_bit_grid_exactly():
@@ -70,6 +103,11 @@ def test_int4_keeps_the_default_models_greedy_answers(float32_answers):
     answers = greedy_answers(models.load(device="cpu", quantize="int4"))
     for question, answer in answers.items():
         assert answer[:40] == float32_answers[question][:40]
+
+
+@pytest.mark.model
+def test_fp16_the_default_keeps_the_default_models_greedy_answers(float32_answers):
+    assert greedy_answers(models.load(device="cpu", quantize="auto")) == float32_answers
 
 
 @pytest.mark.model

@@ -6,7 +6,10 @@ output tokens/s, end-to-end latency, time to first token and inter-token latency
 p99), and failures. Output tokens are the server's own `usage.completion_tokens`. With a
 `json_schema_fraction`, each level runs a second time with that fraction of its requests
 under a JSON schema (structured output), spread evenly: the cost of constraints, measured
-against the same load with none.
+against the same load with none. With `answers`, it then asks each prompt once at temperature
+0 and keeps the replies in its report; with `agreement_with` another report, it says how many
+replies are the same as that report's: servers or weight formats compared on what they answer,
+not only on how fast.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class BenchConfig:
     ceiling: bool = False  # also time the bare model in this process, after the load
     ceiling_model: str | None = None  # default: the embedded default model
     ceiling_device: str = "auto"
+    answers: bool = False  # also keep each prompt's reply at temperature 0 in the report
+    agreement_with: str | None = None  # a report with answers: how many of ours are the same (implies answers)
 
 
 @dataclass
@@ -192,6 +197,35 @@ async def run_level(config: BenchConfig, concurrency: int, fraction: float = 0.0
     )
 
 
+async def greedy_answers(config: BenchConfig) -> list[str | None]:
+    """Each of PROMPTS answered once at temperature 0, all asked at once (a batch, as the
+    weight formats' agreement is measured); None where the server gave no answer."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+
+    async def ask(client: httpx.AsyncClient, prompt: str) -> str | None:
+        body = {"model": config.model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": config.max_tokens, "temperature": 0}
+        try:
+            response = await client.post("/chat/completions", json=body)
+            return response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else None
+        except (httpx.HTTPError, KeyError, IndexError, ValueError):
+            return None
+
+    async with httpx.AsyncClient(base_url=config.base_url.rstrip("/"), headers=headers,
+                                 timeout=config.timeout) as client:
+        return list(await asyncio.gather(*(ask(client, prompt) for prompt in PROMPTS)))
+
+
+def agreement(answers: list[str | None], reference: list[str | None]) -> dict:
+    """How many answers are the same as the reference's, and their mean common prefix in
+    characters (an answer missing on either side counts as differing from its first character)."""
+    prefixes = [0 if a is None or r is None else next((i for i, (x, y) in enumerate(zip(a, r)) if x != y),
+                                                      min(len(a), len(r)))
+                for a, r in zip(answers, reference)]
+    identical = sum(a is not None and a == r for a, r in zip(answers, reference))
+    return {"identical": identical, "prompts": len(prefixes), "mean_prefix_chars": statistics.mean(prefixes)}
+
+
 def format_table(reports: list[LevelReport]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:.0f}"
@@ -308,10 +342,20 @@ def run(config: BenchConfig) -> dict:
                   f"{schema.json_schema_fraction:.0%} under a JSON schema, {plain.output_tokens_per_s:.1f} with none "
                   f"({schema.output_tokens_per_s / max(plain.output_tokens_per_s, 1e-9):.2f}x)")
     result = {"config": asdict(config), "levels": [asdict(r) for r in reports]}
+    if config.answers or config.agreement_with:
+        print(f"each of the {len(PROMPTS)} prompts at temperature 0, all at once...", flush=True)
+        result["answers"] = asyncio.run(greedy_answers(config))
+        print(f"answered {sum(a is not None for a in result['answers'])} of {len(PROMPTS)}")
+    if config.agreement_with:
+        with open(config.agreement_with) as file:
+            reference = json.load(file)["answers"]
+        same = result["agreement"] = agreement(result["answers"], reference)
+        print(f"replies the same as {config.agreement_with}'s: {same['identical']}/{same['prompts']}; "
+              f"mean common prefix {same['mean_prefix_chars']:.0f} characters")
     if config.ceiling:
         batch = max(config.concurrency)
         print(f"bare model: prefill and batched decode at batch {batch}...", flush=True)
-        loaded = models.load(config.ceiling_model, device=config.ceiling_device)
+        loaded = models.load(config.ceiling_model, device=config.ceiling_device, quantize="auto")  # as a worker does
         ceiling = result["ceiling"] = measure_ceiling(loaded, batch, config.max_tokens)
         print(f"bare model {ceiling['model']} on {ceiling['device']}: prefill {ceiling['prefill_ms_mean']:.0f} ms "
               f"per prompt; decode at batch {batch}: {ceiling['decode_step_ms']:.0f} ms/step, "

@@ -28,9 +28,10 @@ device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (all GPUs through accelerate, else CPU), cpu, cuda, cuda:N.")
 dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
                             default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
-quantize_option = click.option("--quantize", type=click.Choice(c.QUANTIZE_METHODS), default="none",
-                               show_default=True, help="Linear weights in 8 bits (weights and activations) or "
-                               "4 bits (weights in groups of 32); CPU only. See README, Performance.")
+quantize_option = click.option("--quantize", type=click.Choice(c.QUANTIZE_METHODS), default="auto",
+                               show_default=True, help="Linear weights in float16 (float32 arithmetic), 8 bits "
+                               "(weights and activations) or 4 bits (groups of 32); CPU only. auto: fp16 for a "
+                               "float32 model on an x86 CPU, else none. See README, Performance.")
 max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=None,
                                 help="Sequences a worker runs at once (its slots) [default: as many as "
                                 f"its KV memory holds at {c.SLOT_TOKENS} tokens each, at most "
@@ -324,25 +325,31 @@ def format_status(report) -> str:
                    "(response_format), after the same level with none: the cost of constraints.")
 @click.option("--api-key", default=None, help="Bearer key, if the server wants one.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON here.")
-@click.option("--ceiling", is_flag=True, help="Also time the bare model here: prefill, and batched decode "
-              "at the highest concurrency (run it on the server's machine).")
+@click.option("--ceiling", is_flag=True, help="Also time the bare model here, in a worker's default weights: "
+              "prefill, and batched decode at the highest concurrency (run it on the server's machine).")
 @click.option("--ceiling-model", default=None, help="Model for --ceiling [default: the embedded default model].")
+@click.option("--answers", is_flag=True, help="Then ask each prompt once at temperature 0, all at once, and keep "
+              "the replies in the report (--output).")
+@click.option("--agreement-with", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A report written with --answers: say how many of this server's replies are the same "
+                   "(implies --answers).")
 @device_option
 @log_level_option
 def bench(base_url, model, concurrency, requests, max_tokens, temperature, ignore_eos, stream, json_schema_fraction,
-          api_key, output, ceiling, ceiling_model, device, log_level) -> None:
+          api_key, output, ceiling, ceiling_model, answers, agreement_with, device, log_level) -> None:
     """Load an OpenAI-compatible server and report throughput and latencies."""
     from zmqchat import bench as role
 
     role.run(role.BenchConfig(base_url=base_url, model=model, concurrency=concurrency, requests=requests,
                               max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos,
                               stream=stream, json_schema_fraction=json_schema_fraction, api_key=api_key, output=output,
-                              ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device))
+                              ceiling=ceiling, ceiling_model=ceiling_model, ceiling_device=device, answers=answers,
+                              agreement_with=agreement_with))
 
 
 @main.command("bench-weights")
 @click.argument("model_path", required=False)
-@click.option("--weights", default=",".join(c.QUANTIZE_METHODS), show_default=True,
+@click.option("--weights", default=",".join(m for m in c.QUANTIZE_METHODS if m != "auto"), show_default=True,
               callback=lambda ctx, param, value: [w.strip() for w in value.split(",") if w.strip()],
               help="Comma-separated weight formats; the first is the reference for agreement.")
 @click.option("--batch", default="1,16", callback=comma_separated_ints, help="Comma-separated batch sizes.")

@@ -129,6 +129,7 @@ def load(model_path: str | None = None, model_name: str | None = None,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from zmqchat.quantize import chosen
     from zmqchat.quantize import quantize as quantize_weights
 
     source, name = resolve(model_path, model_name)
@@ -152,7 +153,9 @@ def load(model_path: str | None = None, model_name: str | None = None,
     placed = getattr(model, "hf_device_map", {}).values()
     devices = sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed} or {input_device})
     description = f"{','.join(devices)} {str(torch_dtype)[6:]}"
+    quantize = chosen(quantize, model)
     if quantize != "none":
+        log.info("serving its Linear layers' weights in %s", quantize)
         model = quantize_weights(model, quantize)
         description += f" {quantize}"
     return LoadedModel(name, model, tokenizer, input_device, description)

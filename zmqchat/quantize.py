@@ -1,24 +1,32 @@
-"""Lighter weights for a loaded model's Linear layers: `--quantize int8` or `int4`.
+"""Lighter weights for a loaded model's Linear layers: `--quantize auto|none|fp16|int8|int4`.
 
 A decode step of a small model reads every weight once per step, so fewer bytes per weight
-and integer matmul kernels are the levers on a CPU:
+and the CPU's fast kernels are the levers:
 
+- fp16: weights stored in float16, activations and sums kept in float32 (fbgemm's fp16 GEMM,
+  through PyTorch's dynamic quantisation, which converts each weight as it is read). Half the
+  bytes of float32 and float32's arithmetic: on the default model it keeps float32's greedy
+  answers (15 of 16 prompts identical for 64 tokens) and serves 1.2x to 1.5x faster on this
+  CPU. x86 CPUs only (fbgemm), and the LM head too.
 - int8: PyTorch's dynamic quantisation (int8 weights, activations quantised per step, fbgemm
-  kernels using VNNI). The bare decode loop measured 1.5x float32 at batch 16 on the default
-  model; activations are quantised per tensor, across the whole batch. CPU only.
+  kernels using VNNI). Activations are quantised per tensor, across the whole batch, which
+  this tiny model's outlier channels do not survive: its answers drift within a few tokens.
 - int4: groupwise 4-bit weights (a scale and a minimum per 32 weights, as GGUF's Q4_1, so the
   embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
   its one fast path, which is where int4 departs from float32. CPU only here: CUDA's int4pack
   layout differs and is not tested yet, so it is refused rather than guessed.
 
-README (Performance) has the served and bare figures and each format's greedy agreement.
-Layers whose shape the kernel cannot take stay as they are.
+`auto` (the default) is fp16 where it applies (a float32 model on an x86 CPU) and none
+elsewhere: GPUs already run bfloat16 weights. README (Performance) has the served and bare
+figures and each format's greedy agreement. Layers whose shape the kernel cannot take stay as
+they are.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -31,21 +39,41 @@ log = logging.getLogger("zmqchat.quantize")
 INT4_GROUP = 32  # weights sharing a scale and a minimum: GGUF's Q4_0/Q4_1 block size
 
 
+def chosen(method: str, model: nn.Module) -> str:
+    """`method`, with `auto` made the fastest format that keeps float32's answers for `model`
+    where it is: fp16 for a float32 model on a CPU that fbgemm serves, else none."""
+    if method != "auto":
+        return method
+    parameters = list(model.parameters())
+    float32_on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in parameters)
+    return "fp16" if float32_on_cpu and "fbgemm" in torch.backends.quantized.supported_engines else "none"
+
+
 def quantize(model: nn.Module, method: str) -> nn.Module:
-    """`model` with its Linear layers in `method`'s format, changed in place."""
+    """`model` with its Linear layers in `method`'s format (not auto: see chosen()), changed in place."""
     if method == "none":
         return model
     devices = {str(p.device) for p in model.parameters()}
     if devices != {"cpu"}:
         raise LoadError(f"--quantize {method} runs on the CPU only for now (the model is on "
-                            f"{', '.join(sorted(devices))})")
-    # The LM head stays as it is: it is the tied input embedding (8-bit in the default model's
-    # file), and quantised again the next-token ranking suffers most (greedy answers changed).
+                        f"{', '.join(sorted(devices))})")
+    # Below 16 bits the LM head stays as it is: it is the tied input embedding (8-bit in the
+    # default model's file), and quantised again the next-token ranking suffers most.
     head = model.get_output_embeddings()
-    if method == "int8":
-        # Deprecated in favour of torchao, whose own int8 path measured far slower here.
-        layers = {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head}
-        return torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    if method in ("fp16", "int8"):
+        # PyTorch's dynamic quantisation, deprecated in favour of torchao, whose int8 path measured
+        # far slower here and which has no float16-weight kernel for CPUs: fbgemm's are the fast ones.
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise LoadError(f"--quantize {method} needs fbgemm's kernels, which this CPU lacks (x86 with AVX2)")
+        if dtypes := sorted({str(p.dtype)[6:] for p in model.parameters()} - {"float32"}):
+            raise LoadError(f"--quantize {method} keeps activations in float32: load the model in float32 "
+                            f"(--dtype auto or float32), not {', '.join(dtypes)}")
+        layers = set(linears) if method == "fp16" else {name for name, m in linears.items() if m is not head}
+        with warnings.catch_warnings():  # its deprecation, said above, is not news to whoever runs a worker
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(model, layers, inplace=True,
+                                                          dtype=torch.float16 if method == "fp16" else torch.qint8)
     if method == "int4":
         replaced = _replace_linears(model, lambda linear: linear is not head and Int4Linear.fits(linear), Int4Linear)
         log.info("int4: %d Linear layers in groups of %d weights", replaced, INT4_GROUP)
