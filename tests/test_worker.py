@@ -17,7 +17,7 @@ from zmqchat import protocol as p
 from zmqchat.config import MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS, WorkerConfig
 from zmqchat.engine import Engine, FakeRunner
 from zmqchat.engine.model_runner import slots_from_memory
-from zmqchat.worker import Worker
+from zmqchat.worker import Worker, build_engine
 
 
 def start_worker(running: Running, engine: Engine,
@@ -169,3 +169,22 @@ def test_slots_from_memory_are_bounded_both_ways():
     assert slots_from_memory(10 * SLOT_TOKENS + 5) == 10
     assert slots_from_memory(SLOT_TOKENS // 2) == 1
     assert slots_from_memory(10**9) == MAX_SLOTS_FROM_MEMORY
+
+
+@pytest.mark.parametrize(("compile", "quantize", "loaded_as"), [(True, "auto", "none"), (False, "auto", "auto"),
+                                                                 (True, "fp16", "fp16")])
+def test_compile_keeps_the_weights_auto_would_pick_as_they_are(monkeypatch, compile, quantize, loaded_as):
+    """auto's fp16 layers split a compiled graph (README, run M): with --compile, auto loads the
+    weights as they are; a format asked for by name is kept."""
+    from zmqchat import models
+
+    asked = []
+
+    def load(*args):
+        asked.append(args[-1])
+        raise models.LoadError("loading stops here")
+
+    monkeypatch.setattr(models, "load", load)
+    with pytest.raises(models.LoadError):
+        build_engine(WorkerConfig(compile=compile, quantize=quantize))
+    assert asked == [loaded_as]
