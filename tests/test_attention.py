@@ -38,17 +38,18 @@ def run_step(kv, chunks, qkv, **layer_args):
 @pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 5.0)], ids=["full", "sliding", "softcap"])
 def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap):
     torch.manual_seed(0)
-    lengths = {"a": 9, "b": 5, "c": 6}
+    lengths = {"a": 9, "b": 5, "c": 6, "d": 4}
     qkv = {name: (torch.randn(HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM))
            for name, n in lengths.items()}
     kv = PagedKV(CONFIG, num_blocks=12, block_size=BLOCK, dtype=torch.float32, device="cpu")
-    blocks = {"a": [3, 1, 7], "b": [2, 5], "c": [9, 4]}  # scattered, as a pool hands them out
+    blocks = {"a": [3, 1, 7], "b": [2, 5], "c": [9, 4], "d": [10]}  # scattered, as a pool hands them out
     for pool in kv.layers:  # stale values in the blocks must not matter
         pool[BLOCK:].fill_(1e4)
     outputs = {name: [] for name in lengths}
-    # a's prompt in two chunks, while b joins whole and c decodes token by token after a prefix.
-    steps = [[("a", 0, 4), ("c", 0, 3)], [("a", 4, 8), ("b", 0, 5), ("c", 3, 4)], [("c", 4, 5), ("a", 8, 9)],
-             [("c", 5, 6)]]
+    # a's prompt in two chunks, while b joins whole and c decodes token by token after a prefix, its
+    # token first (as the scheduler puts decodes), and d's prompt ends in a chunk of one after others.
+    steps = [[("a", 0, 4), ("c", 0, 3), ("d", 0, 2)], [("c", 3, 4), ("a", 4, 8), ("b", 0, 5), ("d", 2, 3)],
+             [("c", 4, 5), ("a", 8, 9), ("d", 3, 4)], [("c", 5, 6)]]
     for chunks in steps:
         for (name, *_), out in zip(chunks, run_step(kv, [(n, blocks[n], s, e) for n, s, e in chunks], qkv,
                                                       sliding_window=window, softcap=softcap)):

@@ -3,8 +3,10 @@
 A step runs every sequence's chunk of new tokens as one flat row of N tokens (vLLM's layout):
 the projections and MLPs see only real tokens, never padding. Only attention needs rows: each
 layer writes the new tokens' keys and values into their slots of the pool (PagedKV) in place,
-then gathers each sequence's keys from its block table and attends, padded to the step's
-longest chunk and longest context, and hands the real tokens back as one flat row again.
+then gathers each sequence's keys from its block table and attends, and hands the real tokens
+back as one flat row again. The decoding sequences (one token each, first in the row) attend
+as one group, one query each; the prompt chunks as another, padded to their longest chunk: a
+prompt joining a step of decodes does not pad them all to its length.
 
 The step's layout (StepPlan: slots to write, keys to read, masks) is built once per step and
 shared by every layer; transformers passes it through the model's forward to `paged_attention`,
@@ -56,16 +58,13 @@ class PagedKV:
 
 
 @dataclass
-class StepPlan:
-    """Where one step's tokens go and what they attend to: B chunks, padded to Tq queries and Lk keys."""
+class Attending:
+    """Chunks of a step that attend together: B chunks padded to Tq queries and Lk keys."""
 
-    kv: PagedKV
-    positions: torch.Tensor  # [N]: each new token's position in its sequence
-    write_slots: torch.Tensor  # [N]: each new token's slot in the pool
-    query_index: torch.Tensor  # [B, Tq]: the flat index of each chunk's t-th token (0 for padding)
+    query_index: torch.Tensor  # [B, Tq]: the index of each chunk's t-th token among the group's (0 for padding)
     query_positions: torch.Tensor  # [B, Tq]: its position (0 for padding, which attends to a null key)
     key_slots: torch.Tensor  # [B, Lk]: the slot of each sequence's j-th key (the null block's past its end)
-    token_rows: torch.Tensor  # [N]: each new token's row among the B x Tq padded queries
+    token_rows: torch.Tensor  # [n]: each of the group's tokens' row among the B x Tq padded queries
     masks: dict = field(default_factory=dict)  # by sliding window (0: none), once per step: [B, 1, Tq, Lk]
 
     def mask(self, window: int) -> torch.Tensor:
@@ -80,9 +79,38 @@ class StepPlan:
         return self.masks[window]
 
 
+@dataclass
+class StepPlan:
+    """Where one step's N tokens go and what they attend to. The chunks of one token that lead
+    the step (the decoding sequences, which the scheduler puts first) attend as one group, one
+    query each; the rest (prompt chunks) as another, padded to their longest: a prompt joining
+    the step does not pad every decoding sequence to its length."""
+
+    kv: PagedKV
+    positions: torch.Tensor  # [N]: each new token's position in its sequence
+    write_slots: torch.Tensor  # [N]: each new token's slot in the pool
+    decodes: Attending  # the leading one-token chunks (Tq = 1)
+    prompts: Attending  # the others, their tokens after the decodes' in the flat row
+
+
 def plan_step(kv: PagedKV, chunks: list[tuple[list[int], int, int]], device) -> StepPlan:
     """The plan of a step of `chunks`: each a sequence's block table and the [start, end) of its tokens to run."""
+    singles = next((i for i, (_, start, end) in enumerate(chunks) if end - start != 1), len(chunks))
+    (decodes, decode_positions, decode_slots), (prompts, prompt_positions, prompt_slots) = (
+        _attending(kv, chunks[:singles], device), _attending(kv, chunks[singles:], device))
+    return StepPlan(kv, torch.cat([decode_positions, prompt_positions]), torch.cat([decode_slots, prompt_slots]),
+                    decodes, prompts)
+
+
+def _attending(kv: PagedKV, chunks: list[tuple[list[int], int, int]], device) -> tuple[Attending, torch.Tensor,
+                                                                                         torch.Tensor]:
+    """The chunks' group, and their tokens' positions and slots to write, in order."""
     size = kv.block_size
+    if not chunks:
+        # No chunks, one column: the strides of [0, 1] are those of any [B, L] group, and each
+        # field its own tensor, so that torch.compile's guards see no new layout and no aliasing.
+        grids = [torch.zeros(0, 1, dtype=torch.long, device=device) for _ in range(3)]
+        return Attending(*grids, torch.zeros(0, dtype=torch.long, device=device)), grids[0][:, 0], grids[1][:, 0]
     starts = torch.tensor([start for _, start, _ in chunks], device=device)
     ends = torch.tensor([end for _, _, end in chunks], device=device)
     lengths = ends - starts
@@ -94,8 +122,8 @@ def plan_step(kv: PagedKV, chunks: list[tuple[list[int], int, int]], device) -> 
     table = torch.tensor([blocks + [NULL_BLOCK] * (widest - len(blocks)) for blocks, _, _ in chunks], device=device)
     slots = (table[..., None] * size + torch.arange(size, device=device)).flatten(1)[:, :int(ends.max())]
     key_slots = torch.where(torch.arange(slots.shape[1], device=device) < ends[:, None], slots, NULL_BLOCK * size)
-    return StepPlan(kv, query_positions[query_valid], key_slots.gather(1, query_positions)[query_valid],
-                    query_index, query_positions, key_slots, query_valid.flatten().nonzero()[:, 0])
+    group = Attending(query_index, query_positions, key_slots, query_valid.flatten().nonzero()[:, 0])
+    return group, query_positions[query_valid], key_slots.gather(1, query_positions)[query_valid]
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None,
@@ -112,28 +140,41 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, sli
     # Compiled, the attention is an operator of its own; eager, the function itself: the
     # operator's dispatch runs in Python, about 0.3 ms a layer, a tenth of a decode step.
     attend = planned_attention if torch.compiler.is_compiling() else attend_as_planned
-    return attend(query, key, value, step.kv.layers[module.layer_idx], step.write_slots, step.query_index,
-                  step.key_slots, step.token_rows, step.mask(sliding_window or 0),
-                  scaling or query.shape[-1] ** -0.5, softcap or 0.0), None
+    window, decodes, prompts = sliding_window or 0, step.decodes, step.prompts
+    return attend(query, key, value, step.kv.layers[module.layer_idx], step.write_slots, decodes.key_slots,
+                  decodes.mask(window), prompts.query_index, prompts.key_slots, prompts.token_rows,
+                  prompts.mask(window), scaling or query.shape[-1] ** -0.5, softcap or 0.0), None
 
 
 def attend_as_planned(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pool: torch.Tensor,
-                      write_slots: torch.Tensor, query_index: torch.Tensor, key_slots: torch.Tensor,
-                      token_rows: torch.Tensor, mask: torch.Tensor, scaling: float,
-                      softcap: float) -> torch.Tensor:
-    """One layer's attention for a step (see StepPlan) over its `pool` (PagedKV); softcap 0 for none."""
+                      write_slots: torch.Tensor, decode_key_slots: torch.Tensor, decode_mask: torch.Tensor,
+                      query_index: torch.Tensor, key_slots: torch.Tensor, token_rows: torch.Tensor,
+                      mask: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:
+    """One layer's attention for a step (see StepPlan) over its `pool` (PagedKV): the decodes'
+    group, then the prompts'; softcap 0 for none."""
     pool.index_copy_(0, write_slots, torch.stack([key[0], value[0]]).permute(2, 0, 1, 3))
+    queries = query[0].transpose(0, 1)  # [N, Hq, D]
+    decodes = decode_key_slots.shape[0]
+    outs = []
+    if decodes:  # one query each: no padding, no re-indexing
+        outs.append(_attend(queries[:decodes, :, None], pool, decode_key_slots, decode_mask, scaling, softcap))
+    if query_index.shape[0]:
+        q = queries[decodes:][query_index].transpose(1, 2)  # [B, Hq, Tq, D]
+        outs.append(_attend(q, pool, key_slots, mask, scaling, softcap)[token_rows])
+    return (outs[0] if len(outs) == 1 else torch.cat(outs))[None]
+
+
+def _attend(q: torch.Tensor, pool: torch.Tensor, key_slots: torch.Tensor, mask: torch.Tensor, scaling: float,
+            softcap: float) -> torch.Tensor:
+    """Queries [B, Hq, Tq, D] over the keys and values at `key_slots` [B, Lk]: [B x Tq, Hq, D]."""
     # index_select, not pool[key_slots]: on a CPU it gathers 2 to 5 times faster.
     k, v = pool.index_select(0, key_slots.flatten()).unflatten(0, key_slots.shape).permute(2, 0, 3, 1, 4)
-    decoding = query_index.shape[1] == 1  # every chunk one token: the flat row is already one query per chunk
-    q = query[0].transpose(0, 1)[:, :, None] if decoding else query[0].transpose(0, 1)[query_index].transpose(1, 2)
     if softcap:
         out = _softcapped_attention(q, k, v, mask, scaling, softcap)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
                                              enable_gqa=q.shape[1] != k.shape[1])
-    out = out.transpose(1, 2).flatten(0, 1)  # [B x Tq, Hq, D]
-    return (out if decoding else out[token_rows])[None]
+    return out.transpose(1, 2).flatten(0, 1)
 
 
 # An operator of its own, opaque to torch.compile (as vLLM's attention is): the compiled graph
@@ -143,7 +184,8 @@ planned_attention = torch.library.custom_op("zmqchat::planned_attention", attend
 
 
 @planned_attention.register_fake
-def _(query, key, value, pool, write_slots, query_index, key_slots, token_rows, mask, scaling, softcap):
+def _(query, key, value, pool, write_slots, decode_key_slots, decode_mask, query_index, key_slots, token_rows, mask,
+      scaling, softcap):
     return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
 
 

@@ -176,8 +176,9 @@ class HFRunner:
                 "use_cache": False, "logits_to_keep": keep, STEP_ARGUMENT: step}
 
     def _compiled_forward(self):
-        """The model's forward through torch.compile, compiled here by one step of two tokens
-        (in a free block) so that no request waits for it; the model as it is if that fails."""
+        """The model's forward through torch.compile, compiled here by one step of a decode and a
+        prompt of two tokens (in free blocks) so that no request waits for it; the model as it
+        is if that fails."""
         compiled = torch.compile(self.model, dynamic=True)
 
         def forward(**inputs):
@@ -187,9 +188,9 @@ class HFRunner:
         started = time.perf_counter()
         try:
             with torch.inference_mode():
-                step = plan_step(self.kv, [([NULL_BLOCK + 1], 0, 2)], self.device)
-                keep = torch.tensor([1], device=self.device)
-                forward(**self._inputs(torch.tensor([self.pad_id] * 2, device=self.device), step, keep))
+                step = plan_step(self.kv, [([NULL_BLOCK + 1], 1, 2), ([NULL_BLOCK + 2], 0, 2)], self.device)
+                keep = torch.tensor([0, 2], device=self.device)
+                forward(**self._inputs(torch.tensor([self.pad_id] * 3, device=self.device), step, keep))
         except Exception as exc:  # torch.compile's errors have no common base; eager still serves
             log.warning("torch.compile failed after %.0f s, the model runs eager: %s",
                         time.perf_counter() - started, exc)
@@ -259,8 +260,10 @@ def _unspecialised(inputs: dict) -> None:
     specialise on the first sizes it sees and on sizes of 1, compiling again for each."""
     step: StepPlan = inputs[STEP_ARGUMENT]
     varying = [(inputs["input_ids"], (1,)), (inputs["position_ids"], (1,)), (inputs["logits_to_keep"], (0,)),
-               (step.positions, (0,)), (step.write_slots, (0,)), (step.token_rows, (0,)),
-               (step.query_index, (0, 1)), (step.query_positions, (0, 1)), (step.key_slots, (0, 1))]
+               (step.positions, (0,)), (step.write_slots, (0,))]
+    for group in (step.decodes, step.prompts):
+        varying += [(group.token_rows, (0,)), (group.query_index, (0, 1)), (group.query_positions, (0, 1)),
+                    (group.key_slots, (0, 1))]
     for tensor, dims in varying:
         for dim in dims:
             torch._dynamo.decorators.mark_unbacked(tensor, dim)
