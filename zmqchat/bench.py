@@ -116,6 +116,14 @@ def constrained(index: int, fraction: float) -> bool:
     return int((index + 1) * fraction) > int(index * fraction)
 
 
+def server_client(config: BenchConfig, connections: int) -> httpx.AsyncClient:
+    """A client of the server under test, with its key if it wants one, and one connection per
+    request in flight."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    return httpx.AsyncClient(base_url=config.base_url.rstrip("/"), headers=headers, timeout=config.timeout,
+                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
 async def one_request(client: httpx.AsyncClient, config: BenchConfig, prompt: str, schema: bool = False) -> Result:
     body = {"model": config.model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": config.max_tokens, "temperature": config.temperature, "stream": config.stream}
@@ -166,8 +174,6 @@ async def read_stream(client: httpx.AsyncClient, body: dict, started: float) -> 
 
 async def run_level(config: BenchConfig, concurrency: int, fraction: float = 0.0) -> LevelReport:
     total = config.requests or max(8, 4 * concurrency)
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results: list[Result] = []
     next_index = 0
 
@@ -178,8 +184,7 @@ async def run_level(config: BenchConfig, concurrency: int, fraction: float = 0.0
             results.append(await one_request(client, config, PROMPTS[index % len(PROMPTS)],
                                              constrained(index, fraction)))
 
-    async with httpx.AsyncClient(base_url=config.base_url.rstrip("/"), headers=headers, limits=limits,
-                                 timeout=config.timeout) as client:
+    async with server_client(config, concurrency) as client:
         started = time.perf_counter()
         await asyncio.gather(*(user(client) for _ in range(concurrency)))
         duration = time.perf_counter() - started
@@ -200,7 +205,6 @@ async def run_level(config: BenchConfig, concurrency: int, fraction: float = 0.0
 async def greedy_answers(config: BenchConfig) -> list[str | None]:
     """Each of PROMPTS answered once at temperature 0, all asked at once (a batch, as the
     weight formats' agreement is measured); None where the server gave no answer."""
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
     async def ask(client: httpx.AsyncClient, prompt: str) -> str | None:
         body = {"model": config.model, "messages": [{"role": "user", "content": prompt}],
@@ -211,8 +215,7 @@ async def greedy_answers(config: BenchConfig) -> list[str | None]:
         except (httpx.HTTPError, KeyError, IndexError, ValueError):
             return None
 
-    async with httpx.AsyncClient(base_url=config.base_url.rstrip("/"), headers=headers,
-                                 timeout=config.timeout) as client:
+    async with server_client(config, len(PROMPTS)) as client:
         return list(await asyncio.gather(*(ask(client, prompt) for prompt in PROMPTS)))
 
 
