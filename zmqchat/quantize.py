@@ -18,7 +18,8 @@ and the CPU's fast kernels are the levers:
   layout differs and is not tested yet, so it is refused rather than guessed.
 
 `auto` (the default) is fp16 where it applies (a float32 model on an x86 CPU) and none
-elsewhere: GPUs already run bfloat16 weights. README (Performance) has the served and bare
+elsewhere: GPUs already run bfloat16 weights; a worker with --compile asks for none instead of
+auto (worker.build_engine), since fp16's layers split the compiled graph. README (Performance) has the served and bare
 figures and each format's greedy agreement. Layers whose shape the kernel cannot take stay as
 they are.
 """
@@ -44,9 +45,13 @@ def chosen(method: str, model: nn.Module) -> str:
     where it is: fp16 for a float32 model on a CPU that fbgemm serves, else none."""
     if method != "auto":
         return method
-    parameters = list(model.parameters())
-    float32_on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in parameters)
-    return "fp16" if float32_on_cpu and "fbgemm" in torch.backends.quantized.supported_engines else "none"
+    float32_on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    return "fp16" if float32_on_cpu and has_fbgemm() else "none"
+
+
+def has_fbgemm() -> bool:
+    """Whether this CPU runs fbgemm's kernels, fp16's and int8's (x86 with AVX2)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def quantize(model: nn.Module, method: str) -> nn.Module:
@@ -64,7 +69,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
     if method in ("fp16", "int8"):
         # PyTorch's dynamic quantisation, deprecated in favour of torchao, whose int8 path measured
         # far slower here and which has no float16-weight kernel for CPUs: fbgemm's are the fast ones.
-        if "fbgemm" not in torch.backends.quantized.supported_engines:
+        if not has_fbgemm():
             raise LoadError(f"--quantize {method} needs fbgemm's kernels, which this CPU lacks (x86 with AVX2)")
         if dtypes := sorted({str(p.dtype)[6:] for p in model.parameters()} - {"float32"}):
             raise LoadError(f"--quantize {method} keeps activations in float32: load the model in float32 "
