@@ -194,16 +194,20 @@ def llama_folder(tokenizer, tmp_path_factory) -> Path:
     return build_tiny_model(ARCHITECTURES[0], tokenizer, tmp_path_factory.mktemp("llama-compiled"))
 
 
-def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, caplog):
+@pytest.mark.parametrize("quantize", ["none", "fp16"])
+def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quantize, caplog):
     """Steps of one token, of several, of prompt chunks and of both mixed: each sequence gets
-    the tokens the eager step gives it, and no step compiles the model again."""
+    the tokens the eager step gives it, and no step compiles the model again; with the weights
+    as they are, and in fp16 (fbgemm's layers called from the compiled graph)."""
     from torch._dynamo.utils import counters
 
-    eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu"))
+    eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize))
+    before = counters["stats"]["unique_graphs"]
     with caplog.at_level("INFO", logger="zmqchat.engine"):
-        compiled = HFRunner(models.load(model_path=str(llama_folder), device="cpu"), compile=True)
+        compiled = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize), compile=True)
     assert "compiled the model's step" in caplog.text
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 1, "the model's forward was split into several graphs"
     jobs = prompts(eager.vocab_size)
     assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs)
     assert counters["stats"]["unique_graphs"] == graphs, "a step compiled the model again"

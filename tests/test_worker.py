@@ -5,6 +5,7 @@ sequences it takes at once."""
 from __future__ import annotations
 
 import json
+import platform
 import signal
 import threading
 import time
@@ -16,8 +17,8 @@ from conftest import DEVICE, Running, chat, free_port, wait_for
 from zmqchat import protocol as p
 from zmqchat.config import MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS, WorkerConfig
 from zmqchat.engine import Engine, FakeRunner
-from zmqchat.engine.model_runner import slots_from_memory
-from zmqchat.worker import Worker, build_engine
+from zmqchat.engine.model_runner import keep_freed_memory, slots_from_memory
+from zmqchat.worker import Worker
 
 
 def start_worker(running: Running, engine: Engine,
@@ -171,20 +172,6 @@ def test_slots_from_memory_are_bounded_both_ways():
     assert slots_from_memory(10**9) == MAX_SLOTS_FROM_MEMORY
 
 
-@pytest.mark.parametrize(("compile", "quantize", "loaded_as"), [(True, "auto", "none"), (False, "auto", "auto"),
-                                                                 (True, "fp16", "fp16")])
-def test_compile_keeps_the_weights_auto_would_pick_as_they_are(monkeypatch, compile, quantize, loaded_as):
-    """auto's fp16 layers split a compiled graph (README, run M): with --compile, auto loads the
-    weights as they are; a format asked for by name is kept."""
-    from zmqchat import models
-
-    asked = []
-
-    def load(*args):
-        asked.append(args[-1])
-        raise models.LoadError("loading stops here")
-
-    monkeypatch.setattr(models, "load", load)
-    with pytest.raises(models.LoadError):
-        build_engine(WorkerConfig(compile=compile, quantize=quantize))
-    assert asked == [loaded_as]
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
+def test_a_cpu_worker_keeps_freed_memory_with_settings_glibc_accepts():
+    assert keep_freed_memory()  # each mallopt() setting taken

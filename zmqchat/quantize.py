@@ -18,19 +18,22 @@ and the CPU's fast kernels are the levers:
   layout differs and is not tested yet, so it is refused rather than guessed.
 
 `auto` (the default) is fp16 where it applies (a float32 model on an x86 CPU) and none
-elsewhere: GPUs already run bfloat16 weights; a worker with --compile asks for none instead of
-auto (worker.build_engine), since fp16's layers split the compiled graph. README (Performance) has the served and bare
-figures and each format's greedy agreement. Layers whose shape the kernel cannot take stay as
-they are.
+elsewhere: GPUs already run bfloat16 weights. fp16's and int8's layers (PackedLinear) are
+operators of their own to torch.compile, so a compiled step compiles everything between them.
+README (Performance) has the served and bare figures and each format's greedy agreement.
+Layers whose shape the kernel cannot take stay as they are.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
+import weakref
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from zmqchat.config import QUANTIZE_METHODS
 from zmqchat.models import LoadError
@@ -77,24 +80,67 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         layers = set(linears) if method == "fp16" else {name for name, m in linears.items() if m is not head}
         with warnings.catch_warnings():  # its deprecation, said above, is not news to whoever runs a worker
             warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(model, layers, inplace=True,
-                                                          dtype=torch.float16 if method == "fp16" else torch.qint8)
+            torch.ao.quantization.quantize_dynamic(model, layers, inplace=True,
+                                                   dtype=torch.float16 if method == "fp16" else torch.qint8)
+        _replace_modules(model, lambda module: isinstance(module, DynamicLinear), PackedLinear)
+        return model
     if method == "int4":
-        replaced = _replace_linears(model, lambda linear: linear is not head and Int4Linear.fits(linear), Int4Linear)
+        replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear) and module is not head
+                                    and Int4Linear.fits(module), Int4Linear)
         log.info("int4: %d Linear layers in groups of %d weights", replaced, INT4_GROUP)
         return model
     raise LoadError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZE_METHODS)}")
 
 
-def _replace_linears(module: nn.Module, fits, make) -> int:
+def _replace_modules(module: nn.Module, fits, make) -> int:
+    """Each module under `module` that `fits`, replaced by what `make` makes of it; how many."""
     replaced = 0
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear) and fits(child):
+        if fits(child):
             setattr(module, name, make(child))
             replaced += 1
         else:
-            replaced += _replace_linears(child, fits, make)
+            replaced += _replace_modules(child, fits, make)
     return replaced
+
+
+class PackedLinear(nn.Module):
+    """A Linear layer from dynamic quantisation (fp16 or int8), its weights packed for fbgemm,
+    that torch.compile can trace: the packed weights are an object Dynamo cannot see into, so a
+    compiled step calls each layer as an operator of its own (`zmqchat::packed_linear`, found by
+    the layer's number), and compiles everything around the layers into its kernels. Eager, the
+    layer calls fbgemm itself."""
+
+    _numbered = itertools.count()
+    layers: weakref.WeakValueDictionary[int, PackedLinear] = weakref.WeakValueDictionary()
+
+    def __init__(self, dynamic: DynamicLinear):
+        super().__init__()
+        self.packed = dynamic._packed_params._packed_params
+        self.fp16 = dynamic._packed_params.dtype == torch.float16
+        self.out_features = dynamic.out_features
+        self.number = next(self._numbered)
+        self.layers[self.number] = self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.number) if torch.compiler.is_compiling() else self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp16:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=True)  # as quantize_dynamic's layer
+
+
+# Defined with torch.library.Library: custom_op's Python wrapper costs twice as much per call, 211 calls a step.
+_LIBRARY = torch.library.Library("zmqchat", "FRAGMENT")
+_LIBRARY.define("packed_linear(Tensor x, int layer) -> Tensor")
+_LIBRARY.impl("packed_linear", lambda x, layer: PackedLinear.layers[layer].run(x), "CompositeExplicitAutograd")
+packed_linear = torch.ops.zmqchat.packed_linear.default
+
+
+@torch.library.register_fake("zmqchat::packed_linear")
+def _(x, layer):
+    return x.new_empty(*x.shape[:-1], PackedLinear.layers[layer].out_features)
 
 
 class Int4Linear(nn.Module):

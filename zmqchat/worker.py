@@ -386,10 +386,7 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     from zmqchat.engine import HFRunner
     from zmqchat.engine.model_runner import slots_from_memory
 
-    # Compiled, the dynamic-quantised layers of fp16 split the graph and ran slower than eager
-    # (README, Performance, run M): --compile keeps auto's weights as they are, compiled whole.
-    quantize = "none" if config.compile and config.quantize == "auto" else config.quantize
-    loaded = models.load(config.model_path, config.model_name, config.device, config.dtype, quantize)
+    loaded = models.load(config.model_path, config.model_name, config.device, config.dtype, config.quantize)
     runner = HFRunner(loaded, config.max_tokens_in_flight, compile=config.compile)
     slots = config.max_batch or slots_from_memory(runner.token_budget)
     log.info("%d slots, %d tokens of KV cache", slots, runner.token_budget)
