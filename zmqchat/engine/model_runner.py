@@ -14,8 +14,8 @@ whose job asked for its prompt's logprobs.
 
 With `compile`, the model's forward goes through torch.compile, compiled once at start: the
 attention and fbgemm's layers (quantize.py) are opaque operators and every size that changes
-between steps is unbacked, so one graph serves every step. It runs fastest on the thread that compiled it (worker.py says why).
-README, Performance, has its figures (runs J, P to R).
+between steps is unbacked, so one graph serves every step. It runs fastest on the thread that
+compiled it (worker.py says why). README, Performance, has its figures (runs J, P to R).
 
 `embed()` runs inputs through the model without generating (no KV cache is kept): an input's
 embedding is its last hidden states (the base model's output, after its final norm: what the LM
