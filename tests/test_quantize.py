@@ -13,7 +13,7 @@ from torch import nn
 from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
-from zmqchat.quantize import INT4_GROUP, Int4Linear, chosen, quantize, quantize_groups
+from zmqchat.quantize import INT4_GROUP, Int4Linear, LinearPart, PackedLinear, chosen, quantize, quantize_groups
 
 
 def tiny_llama() -> nn.Module:
@@ -46,6 +46,46 @@ def test_fp16_computes_in_float32_with_its_weights_rounded_to_float16():
     assert got.dtype == torch.float32
     # float32 sums of float16 weights (the LM head's too), not float16 arithmetic (~1e-3 off)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def tiny_qwen2() -> nn.Module:
+    """Biases on q, k and v, unlike Llama."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8"])
+@pytest.mark.parametrize("model", [tiny_llama, tiny_qwen2])
+def test_sibling_layers_made_one_product_give_pytorchs_own_quantised_answers(method, model):
+    """q/k/v and gate/up run as one fbgemm product each, with the very weights PyTorch's
+    dynamic quantisation gives each layer (int8's each keeping its own scale)."""
+    ids = torch.randint(0, 96, (2, 7))
+    reference = model()
+    layers = {name for name, m in reference.named_modules()  # int8 leaves the LM head as it is
+              if isinstance(m, nn.Linear) and (method == "fp16" or name != "lm_head")}
+    torch.ao.quantization.quantize_dynamic(reference, layers, inplace=True,
+                                           dtype=torch.float16 if method == "fp16" else torch.qint8)
+    fused = quantize(model(), method)
+    block = fused.model.layers[0]
+    assert isinstance(block.self_attn.q_proj, LinearPart) and isinstance(block.mlp.up_proj, LinearPart)
+    products = {id(m) for m in fused.modules() if isinstance(m, PackedLinear)}
+    assert len(products) == 2 * 4 + (method == "fp16")  # per block: q/k/v, o, gate/up, down; fp16's LM head
+    with torch.inference_mode():
+        assert torch.equal(fused(ids).logits, reference(ids).logits)
+
+
+def test_a_fused_layer_called_on_its_own_input_gives_its_own_answer():
+    """Out of the usual order, or each on another input, every part still computes its own layer."""
+    reference = torch.ao.quantization.quantize_dynamic(tiny_qwen2(), {nn.Linear}, dtype=torch.float16)
+    fused = quantize(tiny_qwen2(), "fp16")
+    names = ["v_proj", "q_proj", "v_proj", "k_proj"]
+    inputs = [torch.randn(3, 64) for _ in names]
+    with torch.inference_mode():
+        for name, x in zip(names, inputs):
+            got = getattr(fused.model.layers[1].self_attn, name)(x)
+            assert torch.equal(got, getattr(reference.model.layers[1].self_attn, name)(x))
 
 
 def test_int4_codes_rebuild_weights_already_on_a_4_bit_grid_exactly():
