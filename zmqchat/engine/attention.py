@@ -169,12 +169,18 @@ def _attend(q: torch.Tensor, pool: torch.Tensor, key_slots: torch.Tensor, mask: 
     """Queries [B, Hq, Tq, D] over the keys and values at `key_slots` [B, Lk]: [B x Tq, Hq, D]."""
     # index_select, not pool[key_slots]: on a CPU it gathers 2 to 5 times faster.
     k, v = pool.index_select(0, key_slots.flatten()).unflatten(0, key_slots.shape).permute(2, 0, 3, 1, 4)
+    batch, heads, queries, head_dim = q.shape
+    if queries == 1:
+        # One query each (decodes): the query heads sharing a key-value head become that head's
+        # queries (the mask is the same for all), so SDPA need not repeat the keys for each: 1.2x
+        # faster at 16 to 64 streams on a CPU.
+        q = q.reshape(batch, k.shape[1], -1, head_dim)
     if softcap:
         out = _softcapped_attention(q, k, v, mask, scaling, softcap)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
                                              enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(1, 2).flatten(0, 1)
+    return out.reshape(batch, heads, queries, head_dim).transpose(1, 2).flatten(0, 1)
 
 
 # An operator of its own, opaque to torch.compile (as vLLM's attention is): the compiled graph
