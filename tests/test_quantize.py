@@ -62,11 +62,7 @@ def test_sibling_layers_made_one_product_give_pytorchs_own_quantised_answers(met
     """q/k/v and gate/up run as one fbgemm product each, with the very weights PyTorch's
     dynamic quantisation gives each layer (int8's each keeping its own scale)."""
     ids = torch.randint(0, 96, (2, 7))
-    reference = model()
-    layers = {name for name, m in reference.named_modules()  # int8 leaves the LM head as it is
-              if isinstance(m, nn.Linear) and (method == "fp16" or name != "lm_head")}
-    torch.ao.quantization.quantize_dynamic(reference, layers, inplace=True,
-                                           dtype=torch.float16 if method == "fp16" else torch.qint8)
+    reference = pytorch_quantized(model(), method)
     fused = quantize(model(), method)
     block = fused.model.layers[0]
     assert isinstance(block.self_attn.q_proj, LinearPart) and isinstance(block.mlp.up_proj, LinearPart)
@@ -74,6 +70,14 @@ def test_sibling_layers_made_one_product_give_pytorchs_own_quantised_answers(met
     assert len(products) == 2 * 4 + (method == "fp16")  # per block: q/k/v, o, gate/up, down; fp16's LM head
     with torch.inference_mode():
         assert torch.equal(fused(ids).logits, reference(ids).logits)
+
+
+def pytorch_quantized(model: nn.Module, method: str) -> nn.Module:
+    """`model` with PyTorch's own dynamic quantisation of its Linear layers, as quantize() chooses them."""
+    layers = {name for name, m in model.named_modules()  # int8 leaves the LM head as it is
+              if isinstance(m, nn.Linear) and (method == "fp16" or m is not model.get_output_embeddings())}
+    return torch.ao.quantization.quantize_dynamic(model, layers, inplace=True,
+                                                  dtype=torch.float16 if method == "fp16" else torch.qint8)
 
 
 def test_a_fused_layer_called_on_its_own_input_gives_its_own_answer():
@@ -151,11 +155,16 @@ def test_fp16_the_default_keeps_the_default_models_greedy_answers(float32_answer
 
 
 @pytest.mark.model
-def test_int8_answers_a_question_with_one_right_answer(float32_answers):
-    # int8 quantises activations too, and this tiny model's answers drift from float32's
-    # after a few tokens (README: the agreement figures); a fact survives.
-    answers = greedy_answers(models.load(device="cpu", quantize="int8"))
-    assert "Paris" in answers[QUESTIONS[0]] and "Paris" in float32_answers[QUESTIONS[0]]
+def test_int8_computes_pytorchs_dynamic_int8_on_the_default_model():
+    """int8 quantises activations too, per tensor, and this tiny model's greedy answers drift from
+    float32's within a few tokens, on any change of rounding (README: the agreement figures). So
+    what is held is the arithmetic: on the default model's own shapes, the logits are those of
+    PyTorch's own dynamic int8 layers, with the fused sibling layers."""
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = pytorch_quantized(models.load(device="cpu").model, "int8")
+    ours = models.load(device="cpu", quantize="int8").model
+    with torch.inference_mode():
+        assert torch.equal(ours(ids).logits, reference(ids).logits)
 
 
 @pytest.mark.model
