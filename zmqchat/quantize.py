@@ -133,8 +133,7 @@ class PackedLinear(nn.Module):
         """One layer whose outputs are `layers`' outputs side by side, with their very weights
         (int8's each keeping its own scale, as rows of a per-row quantised weight)."""
         fp16 = layers[0].fp16
-        unpack = torch.ops.quantized.linear_unpack_fp16 if fp16 else torch.ops.quantized.linear_unpack
-        weights, biases = zip(*(unpack(layer.packed) for layer in layers))
+        weights, biases = zip(*(layer.unpacked() for layer in layers))
         bias = None if biases[0] is None else torch.cat(biases)
         if fp16:
             packed = torch.ops.quantized.linear_prepack_fp16(torch.cat(weights), bias)
@@ -145,6 +144,11 @@ class PackedLinear(nn.Module):
                                                               0)
             packed = torch.ops.quantized.linear_prepack(weight, bias)
         return cls(packed, fp16, sum(layer.out_features for layer in layers))
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Its weight (float32 holding float16's values, or int8's quantised tensor) and bias."""
+        unpack = torch.ops.quantized.linear_unpack_fp16 if self.fp16 else torch.ops.quantized.linear_unpack
+        return unpack(self.packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.number) if torch.compiler.is_compiling() else self.run(x)
@@ -169,17 +173,12 @@ def fuse_siblings(model: nn.Module) -> int:
         for names in SIBLINGS:
             layers = [getattr(module, name, None) for name in names]
             if (all(isinstance(layer, PackedLinear) for layer in layers)
-                    and len({(layer.fp16, layer_has_bias(layer)) for layer in layers}) == 1):
+                    and len({(layer.fp16, layer.unpacked()[1] is None) for layer in layers}) == 1):
                 shared = SharedInput(PackedLinear.stacked(layers), [layer.out_features for layer in layers])
                 for index, name in enumerate(names):
                     setattr(module, name, LinearPart(shared, index))
                 fused += 1
     return fused
-
-
-def layer_has_bias(layer: PackedLinear) -> bool:
-    unpack = torch.ops.quantized.linear_unpack_fp16 if layer.fp16 else torch.ops.quantized.linear_unpack
-    return unpack(layer.packed)[1] is not None
 
 
 class SharedInput(nn.Module):
