@@ -82,7 +82,7 @@ def pytorch_quantized(model: nn.Module, method: str) -> nn.Module:
 
 def test_a_fused_layer_called_on_its_own_input_gives_its_own_answer():
     """Out of the usual order, or each on another input, every part still computes its own layer."""
-    reference = torch.ao.quantization.quantize_dynamic(tiny_qwen2(), {nn.Linear}, dtype=torch.float16)
+    reference = pytorch_quantized(tiny_qwen2(), "fp16")
     fused = quantize(tiny_qwen2(), "fp16")
     names = ["v_proj", "q_proj", "v_proj", "k_proj"]
     inputs = [torch.randn(3, 64) for _ in names]

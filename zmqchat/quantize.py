@@ -173,7 +173,7 @@ def fuse_siblings(model: nn.Module) -> int:
         for names in SIBLINGS:
             layers = [getattr(module, name, None) for name in names]
             if (all(isinstance(layer, PackedLinear) for layer in layers)
-                    and len({(layer.fp16, layer.unpacked()[1] is None) for layer in layers}) == 1):
+                    and len({(layer.fp16, layer.packed.bias() is None) for layer in layers}) == 1):
                 shared = SharedInput(PackedLinear.stacked(layers), [layer.out_features for layer in layers])
                 for index, name in enumerate(names):
                     setattr(module, name, LinearPart(shared, index))
