@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import socket
@@ -31,10 +32,32 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 DEVICE = os.environ.get("ZMQCHAT_TEST_DEVICE", "cpu")
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except OSError:
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+EPHEMERAL = _ephemeral_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that is free now and stays free until a part binds it: taken outside the
+    ephemeral range, so no outgoing connection (a worker's, a relay's) can be given it as its
+    source port in the meantime, and never handed out twice in one session."""
+    candidates = [port for port in range(10000, 65536) if port not in EPHEMERAL and port not in _handed_out]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -101,8 +124,9 @@ class Cluster:
             assert part.process.poll() is None, part.output()
         return part
 
-    def api(self, *args: str, wait: bool = True) -> Part:
-        part = self.spawn("api", "api", "--port", str(self.port), "--broker", self.frontend, *args)
+    def api(self, *args: str, broker: str | None = None, wait: bool = True) -> Part:
+        """The API on this cluster's port, talking to `broker` (a relay, say) or the frontend."""
+        part = self.spawn("api", "api", "--port", str(self.port), "--broker", broker or self.frontend, *args)
         if wait:
             wait_for(lambda: self._healthy() or self._dead(part), START_TIMEOUT, "the API to answer")
             assert part.process.poll() is None, part.output()

@@ -170,9 +170,7 @@ def test_partition_between_api_and_broker_fails_fast_and_heals(cluster):
     cluster.worker("--fake-delay", "0.2", "--max-batch", "8")
     relay = Relay(int(cluster.frontend.rsplit(":", 1)[1]))
     try:
-        cluster.spawn("api", "api", "--port", str(cluster.port), "--timeout", str(DEADLINE),
-                      "--broker", f"tcp://127.0.0.1:{relay.port}")
-        wait_for(lambda: cluster._healthy(), 30, "the API")
+        cluster.api(*api_args(), broker=f"tcp://127.0.0.1:{relay.port}")
         long_words = " ".join(f"x{i}" for i in range(100))  # 20 s of output: still running at the cut
         threading.Timer(1.0, setattr, args=(relay, "forwarding", False)).start()
         cut = asyncio.run(load(cluster.url, 4, 4, words=long_words))

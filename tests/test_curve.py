@@ -119,10 +119,8 @@ def test_what_crosses_the_wire(cluster, keys, encrypted):
     cluster.worker(*(curve(keys, "worker") if encrypted else ()), wait=False)
     relay = Relay(int(cluster.frontend.rsplit(":", 1)[1]))
     try:
-        cluster.spawn("api", "api", "--port", str(cluster.port), "--broker", f"tcp://127.0.0.1:{relay.port}",
-                      *(curve(keys, "api") if encrypted else ()))
-        wait_for(lambda: httpx.get(f"{cluster.url}/v1/models", timeout=5).status_code == 200
-                 if cluster._healthy() else False, 30, "the cluster")
+        cluster.api(*(curve(keys, "api") if encrypted else ()), broker=f"tcp://127.0.0.1:{relay.port}")
+        wait_for(lambda: httpx.get(f"{cluster.url}/v1/models", timeout=5).status_code == 200, 30, "the cluster")
         wait_for(lambda: httpx.get(f"{cluster.url}/v1/models").json()["data"], 30, "the worker")
         body = httpx.post(f"{cluster.url}/v1/chat/completions", json=chat(content=secret), timeout=10).json()
         assert body["choices"][0]["message"]["content"] == secret
