@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from openai import OpenAI
 from test_engine import job, run_to_end, submit
@@ -13,7 +14,8 @@ from torch import nn
 from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
-from zmqchat.quantize import INT4_GROUP, Int4Linear, LinearPart, PackedLinear, chosen, quantize, quantize_groups
+from zmqchat.quantize import (INT4_GROUP, BFloat16Linear, Int4Linear, LinearPart, PackedLinear, chosen, inductor_options,
+                              quantize, quantize_groups)
 
 
 def tiny_llama() -> nn.Module:
@@ -90,6 +92,50 @@ def test_a_fused_layer_called_on_its_own_input_gives_its_own_answer():
         for name, x in zip(names, inputs):
             got = getattr(fused.model.layers[1].self_attn, name)(x)
             assert torch.equal(got, getattr(reference.model.layers[1].self_attn, name)(x))
+
+
+AMX = torch.cpu._is_amx_tile_supported()
+
+
+def bfloat16_products(model: nn.Module) -> nn.Module:
+    """`model` whose Linear layers multiply bfloat16-rounded inputs and weights, summing in float32."""
+    for linear in [m for m in model.modules() if isinstance(m, nn.Linear)]:
+        weight = linear.weight.detach().bfloat16().float()
+        linear.forward = lambda x, w=weight: F.linear(x.bfloat16().float(), w)
+    return model
+
+
+def test_bf16_refuses_a_cpu_without_amx_naming_the_format_to_use(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(LoadError, match=r"AMX.*--quantize fp16"):
+        quantize(tiny_llama(), "bf16")
+
+
+def test_bf16_stores_bfloat16_weights_and_keeps_float32_activations(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # eager runs on any CPU
+    ids = torch.randint(0, 96, (2, 7))
+    model = quantize(tiny_llama(), "bf16")
+    assert {m.weight.dtype for m in model.modules() if isinstance(m, BFloat16Linear)} == {torch.bfloat16}
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())  # the LM head too
+    with torch.inference_mode():
+        got, exact = model(ids).logits, bfloat16_products(tiny_llama())(ids).logits
+    assert got.dtype == torch.float32
+    # Eager, PyTorch's bfloat16 product also rounds each output to bfloat16: close, not equal.
+    assert torch.allclose(got, exact, atol=0.02 * exact.abs().max().item())
+
+
+@pytest.mark.skipif(not AMX, reason="bf16 runs only on CPUs with AMX")
+def test_bf16_compiled_keeps_a_products_float32_sums():
+    """Compiled with inductor_options, a bf16 layer's product runs in Inductor's AMX GEMM template,
+    which sums in float32 and, where the output goes on in float32, does not round it to bfloat16
+    as PyTorch's eager product does."""
+    layer = BFloat16Linear(nn.Linear(576, 960, bias=False))
+    x = torch.randn(7, 576)
+    exact = F.linear(x.bfloat16().float(), layer.weight.float())
+    with torch.inference_mode(), torch._inductor.config.patch(inductor_options(nn.Sequential(layer))):
+        compiled = torch.compile(layer)(x)
+        eager = layer(x)
+    assert (compiled - exact).abs().max() < 1e-5 < 1e-3 < (eager - exact).abs().max()
 
 
 def test_int4_codes_rebuild_weights_already_on_a_4_bit_grid_exactly():

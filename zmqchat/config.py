@@ -44,7 +44,7 @@ CPU_KV_CACHE_BYTES = 4 * 1024**3  # a CPU worker's KV cache at most, as vLLM's C
 # chunks of prompts in the rest. A long prompt is prefilled this many tokens a step, so no stream
 # waits longer between two tokens than such a step takes.
 STEP_TOKENS = 256
-QUANTIZE_METHODS = ("auto", "none", "fp16", "int8", "int4")  # weight formats a worker may serve (quantize.py)
+QUANTIZE_METHODS = ("auto", "none", "fp16", "int8", "int4", "bf16")  # weight formats a worker may serve (quantize.py)
 DEFAULT_MAX_TOKENS = 1024  # for a chat that sets no max_tokens: a bound, not a whole context window
 COMPLETION_MAX_TOKENS = 16  # for a completion that sets none, as OpenAI's legacy endpoint
 FAKE_DELAY = 0.02  # seconds per step of the fake engine

@@ -24,14 +24,15 @@ head reads) averaged over its own tokens, scaled to unit length.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
+import functools
 import json
 import logging
 import os
 import re
 import time
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ from zmqchat.engine.scheduler import Batch, Chunk
 from zmqchat.engine.sequence import Sequence
 from zmqchat.grammar import Grammars, Matcher
 from zmqchat.models import LoadedModel, LoadError
+from zmqchat.quantize import inductor_options
 from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError
 from zmqchat.tools import fallback_conversation
 
@@ -131,7 +133,7 @@ class HFRunner:
                            f"the model's chat template refused the messages: {exc}") from None
         return self.encoder(text, add_special_tokens=False).input_ids
 
-    @cached_property
+    @functools.cached_property
     def renders_tools(self) -> bool:
         """Whether the chat template renders tools itself (it reads `tools`)."""
         return "tools" in (self.tokenizer.chat_template or "")
@@ -142,7 +144,7 @@ class HFRunner:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    @cached_property
+    @functools.cached_property
     def _byte_decoder(self) -> dict[str, int]:
         """Byte-level BPE (GPT-2's and most since) spells each byte as one character."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -157,7 +159,7 @@ class HFRunner:
             return bytes([int(fallback.group(1), 16)])
         return self.tokenizer.decode([token_id]).encode()
 
-    @cached_property
+    @functools.cached_property
     def grammars(self) -> Grammars:
         """Built on first use (about half a second), by the preparing thread: from its own tokenizer."""
         return Grammars(self.encoder, self.model.config.vocab_size, self.stop_token_ids)
@@ -202,10 +204,15 @@ class HFRunner:
         prompt of two tokens (in free blocks) so that no request waits for it; the model as it
         is if that fails."""
         compiled = torch.compile(self.model, dynamic=True)
+        # Set around each call, where any compiling happens: Inductor does not take `freezing`
+        # from torch.compile's options.
+        options = inductor_options(self.model)
+        configured = functools.partial(torch._inductor.config.patch, options) if options else contextlib.nullcontext
 
         def forward(**inputs):
             _unspecialised(inputs)
-            return compiled(**inputs)
+            with configured():
+                return compiled(**inputs)
 
         started = time.perf_counter()
         try:
