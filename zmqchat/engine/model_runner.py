@@ -14,8 +14,9 @@ whose job asked for its prompt's logprobs.
 
 With `compile`, the model's forward goes through torch.compile, compiled once at start: the
 attention and fbgemm's layers (quantize.py) are opaque operators and every size that changes
-between steps is unbacked, so one graph serves every step. It runs fastest on the thread that
-compiled it (worker.py says why). README, Performance, has its figures (runs J, P to R).
+between steps is unbacked, so one graph serves every step; bf16's layers are compiled with the
+Inductor options quantize.inductor_options gives. It runs fastest on the thread that compiled it
+(worker.py says why). README, Performance, has its figures (runs J, P to R).
 
 `embed()` runs inputs through the model without generating (no KV cache is kept): an input's
 embedding is its last hidden states (the base model's output, after its final norm: what the LM
@@ -27,12 +28,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import functools
 import json
 import logging
 import os
 import re
 import time
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,8 @@ from zmqchat.engine.scheduler import Batch, Chunk
 from zmqchat.engine.sequence import Sequence
 from zmqchat.grammar import Grammars, Matcher
 from zmqchat.models import LoadedModel, LoadError
-from zmqchat.quantize import inductor_options
 from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError
+from zmqchat.quantize import inductor_options
 from zmqchat.tools import fallback_conversation
 
 log = logging.getLogger("zmqchat.engine")
@@ -133,7 +134,7 @@ class HFRunner:
                            f"the model's chat template refused the messages: {exc}") from None
         return self.encoder(text, add_special_tokens=False).input_ids
 
-    @functools.cached_property
+    @cached_property
     def renders_tools(self) -> bool:
         """Whether the chat template renders tools itself (it reads `tools`)."""
         return "tools" in (self.tokenizer.chat_template or "")
@@ -144,7 +145,7 @@ class HFRunner:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    @functools.cached_property
+    @cached_property
     def _byte_decoder(self) -> dict[str, int]:
         """Byte-level BPE (GPT-2's and most since) spells each byte as one character."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -159,7 +160,7 @@ class HFRunner:
             return bytes([int(fallback.group(1), 16)])
         return self.tokenizer.decode([token_id]).encode()
 
-    @functools.cached_property
+    @cached_property
     def grammars(self) -> Grammars:
         """Built on first use (about half a second), by the preparing thread: from its own tokenizer."""
         return Grammars(self.encoder, self.model.config.vocab_size, self.stop_token_ids)
@@ -207,7 +208,7 @@ class HFRunner:
         # Set around each call, where any compiling happens: Inductor does not take `freezing`
         # from torch.compile's options.
         options = inductor_options(self.model)
-        configured = functools.partial(torch._inductor.config.patch, options) if options else contextlib.nullcontext
+        configured = partial(torch._inductor.config.patch, options) if options else contextlib.nullcontext
 
         def forward(**inputs):
             _unspecialised(inputs)
