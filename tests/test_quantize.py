@@ -14,8 +14,8 @@ from torch import nn
 from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
-from zmqchat.quantize import (INT4_GROUP, BFloat16Linear, Int4Linear, LinearPart, PackedLinear, chosen, inductor_options,
-                              quantize, quantize_groups)
+from zmqchat.quantize import (INT4_GROUP, BFloat16Linear, Int4Linear, LinearPart, PackedLinear, chosen,
+                              inductor_options, quantize, quantize_groups)
 
 
 def tiny_llama() -> nn.Module:

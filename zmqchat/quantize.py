@@ -21,7 +21,7 @@ and the CPU's fast kernels are the levers:
   than float32 vectors do. Compiled (--compile), Inductor's AMX GEMM template runs the products
   and keeps the float32 sums of those whose output goes on alone (inductor_options); eager,
   PyTorch's product rounds every output to bfloat16, so eager and compiled answers may differ.
-  Fastest at many streams on such a CPU, but it keeps only 9 of the 16 benchmark replies.
+  Fastest at many streams on such a CPU, but it keeps only 9 or 10 of the 16 benchmark replies.
 
 `auto` (the default) is fp16 where it applies (a float32 model on an x86 CPU) and none
 elsewhere: GPUs already run bfloat16 weights. fp16's and int8's layers (PackedLinear) are
