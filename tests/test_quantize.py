@@ -82,6 +82,26 @@ def pytorch_quantized(model: nn.Module, method: str) -> nn.Module:
                                                   dtype=torch.float16 if method == "fp16" else torch.qint8)
 
 
+@pytest.mark.parametrize("method", ["bf16", "int4"])
+@pytest.mark.parametrize("model", [tiny_llama, tiny_qwen2])
+def test_bf16_and_int4_make_sibling_layers_one_product_giving_each_layers_own_answer(method, model, monkeypatch):
+    """Stacked before conversion, each part's share of the one product is what its own layer
+    computes converted alone."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # bf16 runs eager on any CPU
+    kind = BFloat16Linear if method == "bf16" else Int4Linear
+    fused, alone = quantize(model(), method), model()
+    products = {id(m) for m in fused.modules() if isinstance(m, kind)}
+    assert len(products) == 2 * 4 + (method == "bf16")  # per block: q/k/v, o, gate/up, down; bf16's LM head
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        for block, original in zip(fused.model.layers, alone.model.layers):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                assert isinstance(getattr(block.self_attn, name), LinearPart)
+                assert torch.equal(getattr(block.self_attn, name)(x), kind(getattr(original.self_attn, name))(x))
+            for name in ("gate_proj", "up_proj"):
+                assert torch.equal(getattr(block.mlp, name)(x), kind(getattr(original.mlp, name))(x))
+
+
 def test_a_fused_layer_called_on_its_own_input_gives_its_own_answer():
     """Out of the usual order, or each on another input, every part still computes its own layer."""
     reference = pytorch_quantized(tiny_qwen2(), "fp16")

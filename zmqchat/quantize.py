@@ -25,8 +25,9 @@ and the CPU's fast kernels are the levers:
 
 `auto` (the default) is fp16 where it applies (a float32 model on an x86 CPU) and none
 elsewhere: GPUs already run bfloat16 weights. fp16's and int8's layers (PackedLinear) are
-operators of their own to torch.compile, so a compiled step compiles everything between them,
-and a block's layers that read one input (q/k/v, gate/up) are one product (fuse_siblings).
+operators of their own to torch.compile, so a compiled step compiles everything between them.
+In every format a block's layers that read one input (q/k/v, gate/up) are one product
+(fuse_siblings): stacked before bf16's and int4's conversion, after fp16's and int8's packing.
 README (Performance) has the served and bare figures and each format's greedy agreement.
 bf16 is never auto's choice: it trades answers for speed, as int8 and int4 do.
 Layers whose shape the kernel cannot take stay as they are.
@@ -85,8 +86,9 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         if not torch.cpu._is_amx_tile_supported():
             raise LoadError("--quantize bf16 needs a CPU with AMX (Intel Sapphire Rapids or later); without it "
                             "PyTorch's bfloat16 products are slower than fp16's (--quantize fp16)")
+        fused = fuse_siblings(model)
         replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear), BFloat16Linear)
-        log.info("bf16: %d Linear layers in bfloat16", replaced)
+        log.info("bf16: %d Linear layers in bfloat16 (%d groups of siblings made one each)", replaced, fused)
         return model
     if method in ("fp16", "int8"):
         # PyTorch's dynamic quantisation, deprecated in favour of torchao, whose int8 path measured
@@ -103,9 +105,11 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
                  fuse_siblings(model))
         return model
     if method == "int4":
+        fused = fuse_siblings(model)
         replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear) and module is not head
                                     and Int4Linear.fits(module), Int4Linear)
-        log.info("int4: %d Linear layers in groups of %d weights", replaced, INT4_GROUP)
+        log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each)", replaced,
+                 INT4_GROUP, fused)
         return model
     raise LoadError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZE_METHODS)}")
 
@@ -119,16 +123,17 @@ def inductor_options(model: nn.Module) -> dict:
     return {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}
 
 
-def _replace_modules(module: nn.Module, fits, make) -> int:
-    """Each module under `module` that `fits`, replaced by what `make` makes of it; how many."""
-    replaced = 0
-    for name, child in module.named_children():
-        if fits(child):
-            setattr(module, name, make(child))
-            replaced += 1
-        else:
-            replaced += _replace_modules(child, fits, make)
-    return replaced
+def _replace_modules(model: nn.Module, fits, make) -> int:
+    """Each module under `model` that `fits`, replaced by what `make` makes of it; how many.
+    A module found under several parents (the stacked layer of fused siblings) is made once."""
+    made = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if fits(child):
+                if id(child) not in made:
+                    made[id(child)] = make(child)
+                setattr(parent, name, made[id(child)])
+    return len(made)
 
 
 class PackedLinear(nn.Module):
@@ -189,20 +194,43 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 def fuse_siblings(model: nn.Module) -> int:
     """Each module's q/k/v projections, and gate/up, made one product (SharedInput), where they
-    are PackedLinear layers of one kind with biases alike; how many groups. PyTorch's fbgemm layer
-    splits each product between the threads, ~20 µs a call beyond reading its weights: a step of
-    the default model at one stream makes 121 calls instead of 211 and takes ~5 ms less."""
+    are layers of one kind (nn.Linear, or PackedLinear of one format) with biases alike; how many
+    groups. A product costs ~20 µs a call beyond reading its weights (each splits its work
+    between the threads): a step of the default model at one stream makes 121 calls instead of
+    211 and takes ~5 ms less."""
     fused = 0
     for module in list(model.modules()):  # as it was: the loop replaces some of them
         for names in SIBLINGS:
             layers = [getattr(module, name, None) for name in names]
-            if (all(isinstance(layer, PackedLinear) for layer in layers)
-                    and len({(layer.fp16, layer.packed.bias() is None) for layer in layers}) == 1):
-                shared = SharedInput(PackedLinear.stacked(layers), [layer.out_features for layer in layers])
+            if stackable(layers):
+                packed = isinstance(layers[0], PackedLinear)
+                shared = SharedInput(PackedLinear.stacked(layers) if packed else stacked_linear(layers),
+                                     [layer.out_features for layer in layers])
                 for index, name in enumerate(names):
                     setattr(module, name, LinearPart(shared, index))
                 fused += 1
     return fused
+
+
+def stackable(layers: list) -> bool:
+    """Whether `layers` can be one product: plain Linear layers, or PackedLinear layers of one
+    format, with biases alike (all or none)."""
+    if all(type(layer) is nn.Linear for layer in layers):
+        return len({layer.bias is None for layer in layers}) == 1
+    return (all(isinstance(layer, PackedLinear) for layer in layers)
+            and len({(layer.fp16, layer.packed.bias() is None) for layer in layers}) == 1)
+
+
+def stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
+    """One Linear layer whose outputs are `layers`' outputs side by side."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(weight)
+        if stacked.bias is not None:
+            stacked.bias.copy_(torch.cat([layer.bias.detach() for layer in layers]))
+    return stacked
 
 
 class SharedInput(nn.Module):
