@@ -202,34 +202,33 @@ def fuse_siblings(model: nn.Module) -> int:
     for module in list(model.modules()):  # as it was: the loop replaces some of them
         for names in SIBLINGS:
             layers = [getattr(module, name, None) for name in names]
-            if stackable(layers):
-                packed = isinstance(layers[0], PackedLinear)
-                shared = SharedInput(PackedLinear.stacked(layers) if packed else stacked_linear(layers),
-                                     [layer.out_features for layer in layers])
+            if (stacked := stacked_layer(layers)) is not None:
+                shared = SharedInput(stacked, [layer.out_features for layer in layers])
                 for index, name in enumerate(names):
                     setattr(module, name, LinearPart(shared, index))
                 fused += 1
     return fused
 
 
-def stackable(layers: list) -> bool:
-    """Whether `layers` can be one product: plain Linear layers, or PackedLinear layers of one
-    format, with biases alike (all or none)."""
-    if all(type(layer) is nn.Linear for layer in layers):
-        return len({layer.bias is None for layer in layers}) == 1
-    return (all(isinstance(layer, PackedLinear) for layer in layers)
-            and len({(layer.fp16, layer.packed.bias() is None) for layer in layers}) == 1)
+def stacked_layer(layers: list) -> nn.Module | None:
+    """One layer whose outputs are `layers`' outputs side by side, with their very weights, where
+    they are plain Linear layers, or PackedLinear layers of one format, with biases alike; else None."""
+    if all(type(layer) is nn.Linear for layer in layers) and len({layer.bias is None for layer in layers}) == 1:
+        return stacked_linear(layers)
+    if (all(isinstance(layer, PackedLinear) for layer in layers)
+            and len({(layer.fp16, layer.packed.bias() is None) for layer in layers}) == 1):
+        return PackedLinear.stacked(layers)
+    return None
 
 
 def stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
-    """One Linear layer whose outputs are `layers`' outputs side by side."""
+    """`layers` as one Linear layer: made on the meta device and given their stacked weights, so
+    that nothing is initialised only to be replaced."""
     weight = torch.cat([layer.weight.detach() for layer in layers])
-    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None,
-                        device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        stacked.weight.copy_(weight)
-        if stacked.bias is not None:
-            stacked.bias.copy_(torch.cat([layer.bias.detach() for layer in layers]))
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None, device="meta")
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    if stacked.bias is not None:
+        stacked.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
     return stacked
 
 
