@@ -194,11 +194,12 @@ def llama_folder(tokenizer, tmp_path_factory) -> Path:
     return build_tiny_model(ARCHITECTURES[0], tokenizer, tmp_path_factory.mktemp("llama-compiled"))
 
 
-@pytest.mark.parametrize("quantize", ["none", "fp16"])
+@pytest.mark.parametrize("quantize", ["none", "fp16", "int4"])
 def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quantize, caplog):
     """Steps of one token, of several, of prompt chunks and of both mixed: each sequence gets
     the tokens the eager step gives it, and no step compiles the model again; with the weights
-    as they are, and in fp16 (fbgemm's layers called from the compiled graph)."""
+    as they are, in fp16 (fbgemm's layers called from the compiled graph) and in int4 (the
+    int4pack kernel called by Inductor, the LM head by fbgemm)."""
     from torch._dynamo.utils import counters
 
     eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize))

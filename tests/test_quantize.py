@@ -102,6 +102,15 @@ def test_bf16_and_int4_make_sibling_layers_one_product_giving_each_layers_own_an
                 assert torch.equal(getattr(block.mlp, name)(x), kind(getattr(original.mlp, name))(x))
 
 
+def test_int4_runs_the_lm_head_in_float16_as_fp16_does():
+    head = quantize(tiny_llama(), "int4").get_output_embeddings()
+    assert isinstance(head, PackedLinear) and head.fp16
+    reference = pytorch_quantized(tiny_llama(), "fp16").get_output_embeddings()
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.equal(head(x), reference(x))
+
+
 def test_a_fused_layer_called_on_its_own_input_gives_its_own_answer():
     """Out of the usual order, or each on another input, every part still computes its own layer."""
     reference = pytorch_quantized(tiny_qwen2(), "fp16")

@@ -14,8 +14,11 @@ and the CPU's fast kernels are the levers:
 - int4: groupwise 4-bit weights (a scale and a minimum per 32 weights, as GGUF's Q4_1, so the
   embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
-  its one fast path, which is where int4 departs from float32. CPU only here: CUDA's int4pack
-  layout differs and is not tested yet, so it is refused rather than guessed.
+  its one fast path, which is where int4 departs from float32. The LM head, kept out of 4 bits,
+  runs in float16 as fp16's does, where fbgemm runs. Fastest at one to four streams (a compiled
+  step calls the kernel from the graph); the kernel dequantises the weights again for every four
+  rows, so bf16 is faster from about 16 streams. CPU only here: CUDA's int4pack layout differs and
+  is not tested yet, so it is refused rather than guessed.
 - bf16: weights stored in bfloat16 and each product's input rounded to bfloat16, for CPUs with
   AMX (Intel Sapphire Rapids and later), whose tiles multiply bfloat16 matrices many times faster
   than float32 vectors do. Compiled (--compile), Inductor's AMX GEMM template runs the products
@@ -75,7 +78,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
     if devices != {"cpu"}:
         raise LoadError(f"--quantize {method} runs on the CPU only for now (the model is on "
                         f"{', '.join(sorted(devices))})")
-    # Below 16 bits the LM head stays as it is: it is the tied input embedding (8-bit in the
+    # Below 16 bits the LM head stays out of the low-bit format: it is the tied input embedding (8-bit in the
     # default model's file), and quantised again the next-token ranking suffers most.
     head = model.get_output_embeddings()
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
@@ -91,16 +94,10 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         log.info("bf16: %d Linear layers in bfloat16 (%d groups of siblings made one each)", replaced, fused)
         return model
     if method in ("fp16", "int8"):
-        # PyTorch's dynamic quantisation, deprecated in favour of torchao, whose int8 path measured
-        # far slower here and which has no float16-weight kernel for CPUs: fbgemm's are the fast ones.
         if not has_fbgemm():
             raise LoadError(f"--quantize {method} needs fbgemm's kernels, which this CPU lacks (x86 with AVX2)")
         layers = set(linears) if method == "fp16" else {name for name, m in linears.items() if m is not head}
-        with warnings.catch_warnings():  # its deprecation, said above, is not news to whoever runs a worker
-            warnings.simplefilter("ignore")
-            torch.ao.quantization.quantize_dynamic(model, layers, inplace=True,
-                                                   dtype=torch.float16 if method == "fp16" else torch.qint8)
-        _replace_modules(model, lambda module: isinstance(module, DynamicLinear), PackedLinear.of)
+        _pack_for_fbgemm(model, layers, torch.float16 if method == "fp16" else torch.qint8)
         log.info("%s: %d groups of Linear layers that read one input made one product each", method,
                  fuse_siblings(model))
         return model
@@ -108,8 +105,13 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         fused = fuse_siblings(model)
         replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear) and module is not head
                                     and Int4Linear.fits(module), Int4Linear)
-        log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each)", replaced,
-                 INT4_GROUP, fused)
+        # The head in fp16 where fbgemm runs: half float32's bytes, which at one stream were a
+        # third of the step (README, Performance, run Z), and float16 holds its 8-bit values.
+        head_format = "float16" if head is not None and has_fbgemm() else "as it was"
+        if head_format == "float16":
+            _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
+        log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each), the LM head "
+                 "%s", replaced, INT4_GROUP, fused, head_format)
         return model
     raise LoadError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZE_METHODS)}")
 
@@ -121,6 +123,16 @@ def inductor_options(model: nn.Module) -> dict:
     if not any(isinstance(module, BFloat16Linear) for module in model.modules()):
         return {}
     return {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}
+
+
+def _pack_for_fbgemm(model: nn.Module, layers: set[str], dtype: torch.dtype) -> None:
+    """The Linear layers named `layers` made PackedLinear layers of `dtype` (float16 or qint8).
+    Through PyTorch's dynamic quantisation, deprecated in favour of torchao, whose int8 path
+    measured far slower here and which has no float16-weight kernel for CPUs: fbgemm's are the fast ones."""
+    with warnings.catch_warnings():  # its deprecation, said above, is not news to whoever runs a worker
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(model, layers, inplace=True, dtype=dtype)
+    _replace_modules(model, lambda module: isinstance(module, DynamicLinear), PackedLinear.of)
 
 
 def _replace_modules(model: nn.Module, fits, make) -> int:
@@ -297,8 +309,11 @@ class Int4Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        codes, self.scales_and_zeros = quantize_groups(linear.weight.detach().float(), INT4_GROUP)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        codes, scales_and_zeros = quantize_groups(linear.weight.detach().float(), INT4_GROUP)
+        # Buffers, not plain attributes, which torch.compile's graph loses the sizes of ("name 's38'
+        # is not defined"), so that a compiled step runs them: Inductor calls the kernel itself.
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.out_features = linear.out_features
         self.bias = linear.bias
 
