@@ -111,6 +111,13 @@ def test_int4_runs_the_lm_head_in_float16_as_fp16_does():
         assert torch.equal(head(x), reference(x))
 
 
+def test_int4_keeps_a_bfloat16_models_lm_head_in_bfloat16():
+    model = quantize(tiny_llama().bfloat16(), "int4")
+    assert type(model.get_output_embeddings()) is nn.Linear
+    with torch.inference_mode():
+        assert model(torch.randint(0, 96, (2, 7))).logits.dtype == torch.bfloat16
+
+
 def test_a_fused_layer_called_on_its_own_input_gives_its_own_answer():
     """Out of the usual order, or each on another input, every part still computes its own layer."""
     reference = pytorch_quantized(tiny_qwen2(), "fp16")

@@ -78,7 +78,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
     if devices != {"cpu"}:
         raise LoadError(f"--quantize {method} runs on the CPU only for now (the model is on "
                         f"{', '.join(sorted(devices))})")
-    # Below 16 bits the LM head stays out of the low-bit format: it is the tied input embedding (8-bit in the
+    # Below 16 bits the LM head keeps at least 16: it is the tied input embedding (8-bit in the
     # default model's file), and quantised again the next-token ranking suffers most.
     head = model.get_output_embeddings()
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
@@ -105,13 +105,13 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         fused = fuse_siblings(model)
         replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear) and module is not head
                                     and Int4Linear.fits(module), Int4Linear)
-        # The head in fp16 where fbgemm runs: half float32's bytes, which at one stream were a
-        # third of the step (README, Performance, run Z), and float16 holds its 8-bit values.
-        head_format = "float16" if head is not None and has_fbgemm() else "as it was"
-        if head_format == "float16":
+        # A float32 head in float16 where fbgemm runs: half the bytes of the step's largest product
+        # (README, Performance, run Z), and float16 holds the default model's 8-bit values.
+        head_in_fp16 = head is not None and head.weight.dtype == torch.float32 and has_fbgemm()
+        if head_in_fp16:
             _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
         log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each), the LM head "
-                 "%s", replaced, INT4_GROUP, fused, head_format)
+                 "in %s", replaced, INT4_GROUP, fused, "float16" if head_in_fp16 else "its own dtype")
         return model
     raise LoadError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZE_METHODS)}")
 
