@@ -195,13 +195,15 @@ def llama_folder(tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("quantize", ["none", "fp16", "int4"])
-def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quantize, caplog):
+def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quantize, caplog, monkeypatch):
     """Steps of one token, of several, of prompt chunks and of both mixed: each sequence gets
     the tokens the eager step gives it, and no step compiles the model again; with the weights
     as they are, in fp16 (fbgemm's layers called from the compiled graph) and in int4 (the
-    int4pack kernel called by Inductor, the LM head by fbgemm)."""
+    int4pack kernel called by Inductor, the LM head by fbgemm; without AMX, where int4 keeps
+    no bfloat16 copies for steps of many rows)."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize))
     before = counters["stats"]["unique_graphs"]
     with caplog.at_level("INFO", logger="zmqchat.engine"):
@@ -209,6 +211,24 @@ def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quant
     assert "compiled the model's step" in caplog.text
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == before + 1, "the model's forward was split into several graphs"
+    jobs = prompts(eager.vocab_size)
+    assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs)
+    assert counters["stats"]["unique_graphs"] == graphs, "a step compiled the model again"
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="int4 keeps bfloat16 copies only with AMX")
+def test_int4_compiled_on_amx_runs_steps_of_few_and_of_many_rows_in_a_graph_each(llama_folder, caplog):
+    """Steps of up to FEW_ROWS rows call the int4 kernel, larger ones multiply the bfloat16
+    copies on Inductor's AMX template: two graphs, both compiled at start, and none after."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    with caplog.at_level("INFO", logger="zmqchat.engine"):
+        compiled = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize="int4"), compile=True)
+    assert "compiled the model's step" in caplog.text
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 2
+    eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize="int4"))
     jobs = prompts(eager.vocab_size)
     assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs)
     assert counters["stats"]["unique_graphs"] == graphs, "a step compiled the model again"

@@ -14,8 +14,8 @@ from torch import nn
 from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
-from zmqchat.quantize import (INT4_GROUP, BFloat16Linear, Int4Linear, LinearPart, PackedLinear, chosen,
-                              inductor_options, quantize, quantize_groups)
+from zmqchat.quantize import (FEW_ROWS, INT4_GROUP, BFloat16Linear, ByRows, Int4Linear, LinearPart, PackedLinear,
+                              chosen, inductor_options, int4_by_rows, quantize, quantize_groups, step_rows)
 
 
 def tiny_llama() -> nn.Module:
@@ -102,13 +102,20 @@ def test_bf16_and_int4_make_sibling_layers_one_product_giving_each_layers_own_an
                 assert torch.equal(getattr(block.mlp, name)(x), kind(getattr(original.mlp, name))(x))
 
 
-def test_int4_runs_the_lm_head_in_float16_as_fp16_does():
-    head = quantize(tiny_llama(), "int4").get_output_embeddings()
+@pytest.mark.parametrize("amx", [False, True])
+def test_int4_runs_the_lm_head_in_float16_as_fp16_does(amx, monkeypatch, step_of):
+    """In steps of few rows and of many (where int4's other layers run in bfloat16 on AMX)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    model = quantize(tiny_llama(), "int4")
+    assert isinstance(model.model.layers[0].mlp.down_proj, ByRows if amx else Int4Linear)
+    head = model.get_output_embeddings()
     assert isinstance(head, PackedLinear) and head.fp16
     reference = pytorch_quantized(tiny_llama(), "fp16").get_output_embeddings()
     x = torch.randn(3, 64)
     with torch.inference_mode():
-        assert torch.equal(head(x), reference(x))
+        for rows in (1, FEW_ROWS + 1):
+            step_of(rows)
+            assert torch.equal(head(x), reference(x))
 
 
 def test_int4_keeps_a_bfloat16_models_lm_head_in_bfloat16():
@@ -168,10 +175,23 @@ def test_bf16_compiled_keeps_a_products_float32_sums():
     layer = BFloat16Linear(nn.Linear(576, 960, bias=False))
     x = torch.randn(7, 576)
     exact = F.linear(x.bfloat16().float(), layer.weight.float())
-    with torch.inference_mode(), torch._inductor.config.patch(inductor_options(nn.Sequential(layer))):
+    options = inductor_options(nn.Sequential(layer), many_rows=False)
+    with torch.inference_mode(), torch._inductor.config.patch(options):
         compiled = torch.compile(layer)(x)
         eager = layer(x)
     assert (compiled - exact).abs().max() < 1e-5 < 1e-3 < (eager - exact).abs().max()
+
+
+def test_inductors_amx_template_runs_bfloat16_products_only():
+    """bf16's layers always; int4's bfloat16 copies in steps of many rows; int4's kernel never
+    (Inductor's AMX template for 4-bit weights unpacks them on every call)."""
+    bf16 = nn.Sequential(BFloat16Linear(nn.Linear(64, 16)))
+    int4_by_row_count = nn.Sequential(nn.Sequential(int4_by_rows(nn.Linear(64, 16))))
+    int4 = nn.Sequential(Int4Linear(nn.Linear(64, 16)))
+    template = inductor_options(bf16, many_rows=False)
+    assert template["max_autotune"] and template == inductor_options(bf16, many_rows=True)
+    assert inductor_options(int4_by_row_count, many_rows=True) == template
+    assert inductor_options(int4_by_row_count, many_rows=False) == inductor_options(int4, many_rows=True) == {}
 
 
 def test_int4_codes_rebuild_weights_already_on_a_4_bit_grid_exactly():
@@ -187,7 +207,16 @@ def test_int4_codes_rebuild_weights_already_on_a_4_bit_grid_exactly():
     assert torch.equal(found, codes.to(torch.int32))
 
 
-def test_int4_linear_computes_what_its_dequantised_weights_do():
+@pytest.fixture
+def step_of():
+    """Runs the test's layers as in a step of `rows` rows (quantize.step_rows), then as before."""
+    yield step_rows
+    step_rows(0)
+
+
+@pytest.mark.parametrize("rows", [1, FEW_ROWS, FEW_ROWS + 1, 64])
+def test_int4_computes_what_its_dequantised_weights_do_by_its_kernel_or_in_bfloat16(rows, step_of):
+    """A step of few rows runs the int4 kernel, one of many the same weights in bfloat16."""
     torch.manual_seed(0)
     linear = nn.Linear(4 * INT4_GROUP, 96, bias=True)
     x = torch.randn(3, 5, 4 * INT4_GROUP)
@@ -195,8 +224,15 @@ def test_int4_linear_computes_what_its_dequantised_weights_do():
     scales, zeros = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups] each
     dequantised = ((codes.reshape(96, -1, INT4_GROUP) - 8) * scales[..., None] + zeros[..., None]).reshape(96, -1)
     expected = x @ dequantised.T + linear.bias
-    got = Int4Linear(linear)(x)
+    by_rows = int4_by_rows(linear)
+    assert torch.equal(by_rows.many.weight, dequantised.bfloat16())
+    many = step_of(rows)
+    assert many == (rows > FEW_ROWS)
+    with torch.inference_mode():
+        got, kernel = by_rows(x), Int4Linear(linear)(x)
+        in_bfloat16 = F.linear(x.bfloat16(), dequantised.bfloat16()).float() + linear.bias
     assert got.shape == (3, 5, 96) and got.dtype == torch.float32
+    assert torch.equal(got, in_bfloat16 if many else kernel)
     # Activations go through the kernel in bfloat16: about 3 significant digits.
     assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item())
 

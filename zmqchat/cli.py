@@ -30,9 +30,9 @@ dtype_option = click.option("--dtype", type=click.Choice(["auto", "bfloat16", "f
                             default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
 quantize_option = click.option("--quantize", type=click.Choice(c.QUANTIZE_METHODS), default="auto",
                                show_default=True, help="Linear weights in float16 (float32 arithmetic), 8 bits "
-                               "(weights and activations), 4 bits (groups of 32) or bfloat16 (CPUs with AMX; "
-                               "fastest with --compile); CPU only. auto: fp16 for a "
-                               "float32 model on an x86 CPU, else none. See README, Performance.")
+                               "(weights and activations), 4 bits (groups of 32; with --compile the fastest at few "
+                               "streams) or bfloat16 (CPUs with AMX; fastest with --compile); CPU only. auto: "
+                               "fp16 for a float32 model on an x86 CPU, else none. See README, Performance.")
 max_batch_option = click.option("--max-batch", type=click.IntRange(1, 1024), default=None,
                                 help="Sequences a worker runs at once (its slots) [default: as many as "
                                 f"its KV memory holds at {c.SLOT_TOKENS} tokens each, at most "

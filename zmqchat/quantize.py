@@ -15,10 +15,12 @@ and the CPU's fast kernels are the levers:
   embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
   its one fast path, which is where int4 departs from float32. The LM head, kept out of 4 bits,
-  runs in float16 as fp16's does, where fbgemm runs. Fastest at one to four streams (a compiled
-  step calls the kernel from the graph); the kernel dequantises the weights again for every four
-  rows, so bf16 is faster from about 16 streams. CPU only here: CUDA's int4pack layout differs and
-  is not tested yet, so it is refused rather than guessed.
+  runs in float16 as fp16's does, where fbgemm runs. The kernel dequantises the weights again
+  for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its weights in bfloat16 (the
+  same values: 2.5 bytes a weight in all) for steps of more rows, which then run as bf16's do
+  (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest format at one to four
+  streams, and as fast as bf16 beyond. CPU only here: CUDA's int4pack layout differs and is not
+  tested yet, so it is refused rather than guessed.
 - bf16: weights stored in bfloat16 and each product's input rounded to bfloat16, for CPUs with
   AMX (Intel Sapphire Rapids and later), whose tiles multiply bfloat16 matrices many times faster
   than float32 vectors do. Compiled (--compile), Inductor's AMX GEMM template runs the products
@@ -54,6 +56,7 @@ from zmqchat.models import LoadError
 log = logging.getLogger("zmqchat.quantize")
 
 INT4_GROUP = 32  # weights sharing a scale and a minimum: GGUF's Q4_0/Q4_1 block size
+FEW_ROWS = 4  # the int4pack kernel's block of rows: it dequantises the weights once a block
 
 
 def chosen(method: str, model: nn.Module) -> str:
@@ -102,27 +105,41 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
                  fuse_siblings(model))
         return model
     if method == "int4":
+        # Where AMX multiplies bfloat16 fast, steps of many rows run int4's weights in bfloat16
+        # (int4_by_rows): the int4pack kernel dequantises them again for every FEW_ROWS rows.
+        amx = torch.cpu._is_amx_tile_supported()
         fused = fuse_siblings(model)
         replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear) and module is not head
-                                    and Int4Linear.fits(module), Int4Linear)
+                                    and Int4Linear.fits(module), int4_by_rows if amx else Int4Linear)
         # A float32 head in float16 where fbgemm runs: half the bytes of the step's largest product
         # (README, Performance, run Z), and float16 holds the default model's 8-bit values.
+        # (Also in bfloat16 for steps of many rows, it kept 8 of 16 replies, not 11, no faster: run Z.)
         head_in_fp16 = head is not None and head.weight.dtype == torch.float32 and has_fbgemm()
         if head_in_fp16:
             _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
-        log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each), the LM head "
-                 "in %s", replaced, INT4_GROUP, fused, "float16" if head_in_fp16 else "its own dtype")
+        log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each)%s; the LM "
+                 "head in %s", replaced, INT4_GROUP, fused, f", in bfloat16 for steps of over {FEW_ROWS} rows"
+                 if amx else "", "float16" if head_in_fp16 else "its own dtype")
         return model
     raise LoadError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZE_METHODS)}")
 
 
-def inductor_options(model: nn.Module) -> dict:
-    """torch.compile's Inductor options for `model`: for bf16's layers, its C++ GEMM template (AMX
-    micro-kernels, weights packed once: `freezing`), which keeps a product's float32 sums where its
-    output goes on alone (PyTorch's own bfloat16 product rounds them); nothing for the other formats."""
-    if not any(isinstance(module, BFloat16Linear) for module in model.modules()):
+def inductor_options(model: nn.Module, many_rows: bool) -> dict:
+    """torch.compile's Inductor options for `model`'s steps of many rows or few (step_rows()):
+    where bf16's layers run, its C++ GEMM template (AMX micro-kernels, weights packed once:
+    `freezing`), which keeps a product's float32 sums where its output goes on alone (PyTorch's
+    own bfloat16 product rounds them); nothing otherwise (with the template int4's products would
+    go to its AMX template for 4-bit weights, which unpacks every weight on each call when the
+    row count is unknown)."""
+    if not _runs_bfloat16(model, many_rows):
         return {}
     return {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}
+
+
+def _runs_bfloat16(module: nn.Module, many_rows: bool) -> bool:
+    if isinstance(module, ByRows):
+        return _runs_bfloat16(module.many if many_rows else module.few, many_rows)
+    return isinstance(module, BFloat16Linear) or any(_runs_bfloat16(child, many_rows) for child in module.children())
 
 
 def _pack_for_fbgemm(model: nn.Module, layers: set[str], dtype: torch.dtype) -> None:
@@ -234,14 +251,19 @@ def stacked_layer(layers: list) -> nn.Module | None:
 
 
 def stacked_linear(layers: list[nn.Linear]) -> nn.Linear:
-    """`layers` as one Linear layer: made on the meta device and given their stacked weights, so
-    that nothing is initialised only to be replaced."""
-    weight = torch.cat([layer.weight.detach() for layer in layers])
-    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=layers[0].bias is not None, device="meta")
-    stacked.weight = nn.Parameter(weight, requires_grad=False)
-    if stacked.bias is not None:
-        stacked.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
-    return stacked
+    """`layers` as one Linear layer, their weights stacked."""
+    bias = None if layers[0].bias is None else torch.cat([layer.bias.detach() for layer in layers])
+    return linear_of(torch.cat([layer.weight.detach() for layer in layers]), bias)
+
+
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A Linear layer of these weights and bias: made on the meta device and given them, so that
+    nothing is initialised only to be replaced."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
 
 
 class SharedInput(nn.Module):
@@ -326,6 +348,40 @@ class Int4Linear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class ByRows(nn.Module):
+    """One layer in two formats: `few` runs the steps of up to FEW_ROWS rows, `many` the larger
+    ones (`many_rows`, set for each step by step_rows()). Compiled, each kind of step is a graph."""
+
+    many_rows = False  # whether the step running has more than FEW_ROWS rows: one flag for every layer
+
+    def __init__(self, few: nn.Module, many: nn.Module):
+        super().__init__()
+        self.few, self.many = few, many
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.many(x) if ByRows.many_rows else self.few(x)
+
+
+def step_rows(rows: int) -> bool:
+    """Tell the layers that run steps of few rows and of many in different formats (ByRows) that
+    the next step has `rows` rows; whether that is many."""
+    ByRows.many_rows = rows > FEW_ROWS
+    return ByRows.many_rows
+
+
+def int4_by_rows(linear: nn.Linear) -> ByRows:
+    """`linear` in int4, and in bfloat16 on int4's grid (the same weights) for steps of many rows."""
+    grid = dequantized(*quantize_groups(linear.weight.detach().float(), INT4_GROUP))
+    return ByRows(Int4Linear(linear), BFloat16Linear(linear_of(grid, linear.bias)))
+
+
+def dequantized(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The float32 weights [out, in] that quantize_groups' codes and scales stand for, as the
+    int4pack kernel computes them: (code - 8) * scale + zero."""
+    scales, zeros = scales_and_zeros.float().transpose(0, 1).repeat_interleave(INT4_GROUP, 1).unbind(-1)
+    return (codes - 8) * scales + zeros
 
 
 def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

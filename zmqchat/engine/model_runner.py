@@ -14,8 +14,9 @@ whose job asked for its prompt's logprobs.
 
 With `compile`, the model's forward goes through torch.compile, compiled once at start: the
 attention and fbgemm's layers (quantize.py) are opaque operators and every size that changes
-between steps is unbacked, so one graph serves every step; bf16's layers are compiled with the
-Inductor options quantize.inductor_options gives. It runs fastest on the thread that compiled it
+between steps is unbacked, so one graph serves every step (int4's on AMX: one for steps of few
+rows, one for the rest, quantize.step_rows); bf16's layers are compiled with the Inductor options
+quantize.inductor_options gives. It runs fastest on the thread that compiled it
 (worker.py says why). README, Performance, has its figures (runs J, P to R).
 
 `embed()` runs inputs through the model without generating (no KV cache is kept): an input's
@@ -25,7 +26,6 @@ head reads) averaged over its own tokens, scaled to unit length.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import json
@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import time
-from functools import cached_property, partial
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from zmqchat.engine.sequence import Sequence
 from zmqchat.grammar import Grammars, Matcher
 from zmqchat.models import LoadedModel, LoadError
 from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError
-from zmqchat.quantize import inductor_options
+from zmqchat.quantize import FEW_ROWS, inductor_options, step_rows
 from zmqchat.tools import fallback_conversation
 
 log = logging.getLogger("zmqchat.engine")
@@ -107,7 +107,7 @@ class HFRunner:
         # The plan says what each token attends to, so transformers need build no mask: a 4D
         # attention mask is taken as ready-made (and the planned attention never reads it).
         self.no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
-        self.forward = self._compiled_forward() if compile else self.model
+        self.forward = self._compiled_forward() if compile else self._eager_forward
 
     # -- the tokenizer --------------------------------------------------------------------------
 
@@ -200,31 +200,35 @@ class HFRunner:
         return {"input_ids": ids[None], "position_ids": step.positions[None], "attention_mask": self.no_mask,
                 "use_cache": False, "logits_to_keep": keep, STEP_ARGUMENT: step}
 
+    def _eager_forward(self, **inputs):
+        step_rows(inputs["input_ids"].numel())
+        return self.model(**inputs)
+
     def _compiled_forward(self):
-        """The model's forward through torch.compile, compiled here by one step of a decode and a
-        prompt of two tokens (in free blocks) so that no request waits for it; the model as it
-        is if that fails."""
+        """The model's forward through torch.compile, compiled here by two steps of a decode and
+        a prompt (in free blocks), one of few rows and one of many (quantize.step_rows: int4's
+        layers run each in their own way), so that no request waits for it; eager if that fails."""
         compiled = torch.compile(self.model, dynamic=True)
         # Set around each call, where any compiling happens: Inductor does not take `freezing`
         # from torch.compile's options.
-        options = inductor_options(self.model)
-        configured = partial(torch._inductor.config.patch, options) if options else contextlib.nullcontext
+        options = {many_rows: inductor_options(self.model, many_rows) for many_rows in (False, True)}
 
         def forward(**inputs):
             _unspecialised(inputs)
-            with configured():
+            with torch._inductor.config.patch(options[step_rows(inputs["input_ids"].numel())]):
                 return compiled(**inputs)
 
         started = time.perf_counter()
         try:
             with torch.inference_mode():
-                step = plan_step(self.kv, [([NULL_BLOCK + 1], 1, 2), ([NULL_BLOCK + 2], 0, 2)], self.device)
-                keep = torch.tensor([0, 2], device=self.device)
-                forward(**self._inputs(torch.tensor([self.pad_id] * 3, device=self.device), step, keep))
+                for prompt in (2, FEW_ROWS + 1):
+                    step = plan_step(self.kv, [([NULL_BLOCK + 1], 1, 2), ([NULL_BLOCK + 2], 0, prompt)], self.device)
+                    keep = torch.tensor([0, prompt], device=self.device)
+                    forward(**self._inputs(torch.tensor([self.pad_id] * (1 + prompt), device=self.device), step, keep))
         except Exception as exc:  # torch.compile's errors have no common base; eager still serves
             log.warning("torch.compile failed after %.0f s, the model runs eager: %s",
                         time.perf_counter() - started, exc)
-            return self.model
+            return self._eager_forward
         log.info("compiled the model's step in %.0f s", time.perf_counter() - started)
         return forward
 
@@ -235,6 +239,7 @@ class HFRunner:
         ids = torch.tensor([tokens + [self.pad_id] * (width - len(tokens)) for tokens in inputs], device=self.device)
         mask = torch.tensor([[1] * len(tokens) + [0] * (width - len(tokens)) for tokens in inputs], device=self.device)
         with torch.inference_mode():
+            step_rows(ids.numel())
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             pooled = (hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             return F.normalize(pooled, dim=-1).tolist()
