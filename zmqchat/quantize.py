@@ -18,9 +18,9 @@ and the CPU's fast kernels are the levers:
   runs in float16 as fp16's does, where fbgemm runs. The kernel dequantises the weights again
   for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its weights in bfloat16 (the
   same values: 2.5 bytes a weight in all) for steps of more rows, which then run as bf16's do
-  (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest format at one to four
-  streams, and as fast as bf16 beyond. CPU only here: CUDA's int4pack layout differs and is not
-  tested yet, so it is refused rather than guessed.
+  (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest format at one
+  stream. CPU only here: CUDA's int4pack layout differs and is not tested yet, so it is refused
+  rather than guessed.
 - bf16: weights stored in bfloat16 and each product's input rounded to bfloat16, for CPUs with
   AMX (Intel Sapphire Rapids and later), whose tiles multiply bfloat16 matrices many times faster
   than float32 vectors do. Compiled (--compile), Inductor's AMX GEMM template runs the products
@@ -113,7 +113,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
                                     and Int4Linear.fits(module), int4_by_rows if amx else Int4Linear)
         # A float32 head in float16 where fbgemm runs: half the bytes of the step's largest product
         # (README, Performance, run Z), and float16 holds the default model's 8-bit values.
-        # (Also in bfloat16 for steps of many rows, it kept 8 of 16 replies, not 11, no faster: run Z.)
+        # (Also in bfloat16 for steps of many rows, it kept 8 of 16 replies, not 11, no faster: run Z2.)
         head_in_fp16 = head is not None and head.weight.dtype == torch.float32 and has_fbgemm()
         if head_in_fp16:
             _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
