@@ -329,9 +329,10 @@ class BFloat16Linear(nn.Module):
 class Int4Linear(nn.Module):
     """A Linear layer with 4-bit weights in groups along the input, for the int4pack kernel."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, groups: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`groups`: quantize_groups' answer for `linear`'s weights, where the caller has it already."""
         super().__init__()
-        codes, scales_and_zeros = quantize_groups(linear.weight.detach().float(), INT4_GROUP)
+        codes, scales_and_zeros = groups or quantize_groups(linear.weight.detach().float(), INT4_GROUP)
         # Buffers, not plain attributes, which torch.compile's graph loses the sizes of ("name 's38'
         # is not defined"), so that a compiled step runs them: Inductor calls the kernel itself.
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
@@ -373,8 +374,8 @@ def step_rows(rows: int) -> bool:
 
 def int4_by_rows(linear: nn.Linear) -> ByRows:
     """`linear` in int4, and in bfloat16 on int4's grid (the same weights) for steps of many rows."""
-    grid = dequantized(*quantize_groups(linear.weight.detach().float(), INT4_GROUP))
-    return ByRows(Int4Linear(linear), BFloat16Linear(linear_of(grid, linear.bias)))
+    groups = quantize_groups(linear.weight.detach().float(), INT4_GROUP)
+    return ByRows(Int4Linear(linear, groups), BFloat16Linear(linear_of(dequantized(*groups), linear.bias)))
 
 
 def dequantized(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
