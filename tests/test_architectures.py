@@ -234,6 +234,21 @@ def test_int4_compiled_on_amx_runs_steps_of_few_and_of_many_rows_in_a_graph_each
     assert counters["stats"]["unique_graphs"] == graphs, "a step compiled the model again"
 
 
+def test_two_models_compiled_in_one_process_each_keep_their_own_graphs(llama_folder):
+    """Dynamo checks no guards on a compiled model's modules (HFRunner._compiled_forward), so a
+    model compiled after another must compile graphs of its own, not run the other's."""
+    from torch._dynamo.utils import counters
+
+    before, jobs = counters["stats"]["unique_graphs"], None
+    runners = {quantize: HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize),
+                                  compile=True) for quantize in ("none", "fp16")}
+    assert counters["stats"]["unique_graphs"] == before + 2
+    for quantize, compiled in runners.items():
+        eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize))
+        jobs = jobs or prompts(eager.vocab_size)
+        assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs), quantize
+
+
 def test_a_compile_that_fails_leaves_the_model_eager(llama_folder, monkeypatch, caplog):
     def failing_compile(model, **options):
         def forward(**inputs):

@@ -210,7 +210,13 @@ class HFRunner:
         layers run each in their own way), so that no request waits for it; eager if that fails.
         The few rows' graph first: compiled after the other, it ran one stream at a fifth of its
         speed (README, Performance, run Z2; why is not known)."""
-        compiled = torch.compile(self.model, dynamic=True)
+        # Dynamo checks no guards on the model's modules before each step (thousands of them,
+        # a tenth of a one-stream step: README, Performance, run AA): a loaded model's modules do
+        # not change. The inputs' and globals' guards stay (ByRows.many_rows picks the graph).
+        # Dynamo keeps its graphs with the code it compiled, so this runner's step is code of
+        # its own: another model compiled in the process can never take this one's graphs.
+        compiled = torch.compile(_code_of_its_own(self.model), dynamic=True,
+                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         # Set around each call, where any compiling happens: Inductor does not take `freezing`
         # from torch.compile's options.
         options = {many_rows: inductor_options(self.model, many_rows) for many_rows in (False, True)}
@@ -289,6 +295,15 @@ def _function_dict(function: Function) -> dict:
     described = {"name": function.name, "description": function.description} if function.description \
         else {"name": function.name}
     return {**described, "parameters": json.loads(function.parameters) if function.parameters else {}}
+
+
+def _code_of_its_own(model):
+    """`model`'s forward through a function whose code object no other function shares."""
+    def step(**inputs):
+        return model(**inputs)
+
+    step.__code__ = step.__code__.replace()  # a new code object: Dynamo's cache of graphs is per code object
+    return step
 
 
 def _unspecialised(inputs: dict) -> None:
