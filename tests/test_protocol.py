@@ -182,7 +182,8 @@ def test_an_error_carries_a_code_not_a_status():
     ([p.PROTOCOL, b"\x03", b"\xc1garbage"], "Submit"),
     ([p.PROTOCOL, b"\x03", msgspec.msgpack.encode([1, 2])], "Expected `object`"),
     ([p.PROTOCOL, b"\x03", b"\x81"], "truncated"),
-    ([p.PROTOCOL, b"\x01", b"\x81\xa9\x00\x00\x00\x00\x00\x00\x00\x00\x80"], "utf-8"),  # a key of invalid UTF-8
+    # a key of invalid UTF-8 (msgspec's message spells it in either case, by version)
+    ([p.PROTOCOL, b"\x01", b"\x81\xa9\x00\x00\x00\x00\x00\x00\x00\x00\x80"], "(?i)utf-8"),
 ])
 def test_bad_frames_are_refused_with_a_reason(frames, reason):
     with pytest.raises(p.ProtocolError, match=reason):

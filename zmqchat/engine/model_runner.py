@@ -215,8 +215,10 @@ class HFRunner:
         # not change. The inputs' and globals' guards stay (ByRows.many_rows picks the graph).
         # Dynamo keeps its graphs with the code it compiled, so this runner's step is code of
         # its own: another model compiled in the process can never take this one's graphs.
+        # (The filter is not in older PyTorch, which checks them all.)
+        skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
         compiled = torch.compile(_code_of_its_own(self.model), dynamic=True,
-                                 options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                                 options={"guard_filter_fn": skip_module_guards} if skip_module_guards else None)
         # Set around each call, where any compiling happens: Inductor does not take `freezing`
         # from torch.compile's options.
         options = {many_rows: inductor_options(self.model, many_rows) for many_rows in (False, True)}
