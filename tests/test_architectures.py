@@ -239,13 +239,13 @@ def test_two_models_compiled_in_one_process_each_keep_their_own_graphs(llama_fol
     model compiled after another must compile graphs of its own, not run the other's."""
     from torch._dynamo.utils import counters
 
-    before, jobs = counters["stats"]["unique_graphs"], None
+    before = counters["stats"]["unique_graphs"]
     runners = {quantize: HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize),
                                   compile=True) for quantize in ("none", "fp16")}
     assert counters["stats"]["unique_graphs"] == before + 2
+    jobs = prompts(runners["none"].vocab_size)
     for quantize, compiled in runners.items():
         eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize))
-        jobs = jobs or prompts(eager.vocab_size)
         assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs), quantize
 
 

@@ -211,8 +211,8 @@ class HFRunner:
         The few rows' graph first: compiled after the other, it ran one stream at a fifth of its
         speed (README, Performance, run Z2; why is not known)."""
         # Dynamo checks no guards on the model's modules before each step (thousands of them,
-        # a tenth of a one-stream step: README, Performance, run AA): a loaded model's modules do
-        # not change. The inputs' and globals' guards stay (ByRows.many_rows picks the graph).
+        # ~2 of a one-stream step's ~20 ms, profiled: README, Performance, run AA): a loaded
+        # model's modules do not change. The inputs' and globals' guards stay (ByRows.many_rows picks the graph).
         # Dynamo keeps its graphs with the code it compiled, so this runner's step is code of
         # its own: another model compiled in the process can never take this one's graphs.
         # (The filter is not in older PyTorch, which checks them all.)
