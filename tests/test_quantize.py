@@ -14,8 +14,9 @@ from torch import nn
 from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
-from zmqchat.quantize import (FEW_ROWS, INT4_GROUP, BFloat16Linear, ByRows, Int4Linear, LinearPart, PackedLinear,
-                              chosen, inductor_options, int4_by_rows, quantize, quantize_groups, step_rows)
+from zmqchat.quantize import (CANDIDATES, FEW_ROWS, INT4_GROUP, BFloat16Linear, ByRows, Int4Linear, LinearPart,
+                              PackedLinear, chosen, inductor_options, int4_by_rows, quantize, quantize_groups,
+                              step_rows)
 
 
 def tiny_llama() -> nn.Module:
@@ -91,7 +92,7 @@ def test_bf16_and_int4_make_sibling_layers_one_product_giving_each_layers_own_an
     kind = BFloat16Linear if method == "bf16" else Int4Linear
     fused, alone = quantize(model(), method), model()
     products = {id(m) for m in fused.modules() if isinstance(m, kind)}
-    assert len(products) == 2 * 4 + (method == "bf16")  # per block: q/k/v, o, gate/up, down; bf16's LM head
+    assert len(products) == 2 * 4 + 1  # per block: q/k/v, o, gate/up, down; the LM head (int4's shortlist's)
     x = torch.randn(3, 64)
     with torch.inference_mode():
         for block, original in zip(fused.model.layers, alone.model.layers):
@@ -103,19 +104,28 @@ def test_bf16_and_int4_make_sibling_layers_one_product_giving_each_layers_own_an
 
 
 @pytest.mark.parametrize("amx", [False, True])
-def test_int4_runs_the_lm_head_in_float16_as_fp16_does(amx, monkeypatch, step_of):
-    """In steps of few rows and of many (where int4's other layers run in bfloat16 on AMX)."""
+def test_int4_runs_the_lm_head_of_many_rows_in_float16_and_of_few_rows_shortlisted(amx, monkeypatch, step_of):
+    """Many rows (where int4's other layers run in bfloat16 on AMX): float16, as fp16's head.
+    Few: every logit from the 4-bit weights, the CANDIDATES highest of them computed again from
+    the float32 weights, so the top of the ranking is the exact head's."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    exact = tiny_llama().get_output_embeddings()
     model = quantize(tiny_llama(), "int4")
     assert isinstance(model.model.layers[0].mlp.down_proj, ByRows if amx else Int4Linear)
     head = model.get_output_embeddings()
-    assert isinstance(head, PackedLinear) and head.fp16
+    assert isinstance(head.many, PackedLinear) and head.many.fp16
     reference = pytorch_quantized(tiny_llama(), "fp16").get_output_embeddings()
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64) * 4  # spread the logits beyond int4's error
     with torch.inference_mode():
-        for rows in (1, FEW_ROWS + 1):
-            step_of(rows)
-            assert torch.equal(head(x), reference(x))
+        step_of(FEW_ROWS + 1)
+        assert torch.equal(head(x), reference(x))
+        step_of(FEW_ROWS)
+        got, expected, rough = head(x), exact(x), Int4Linear(exact)(x)
+    top = rough.topk(CANDIDATES, dim=-1).indices
+    assert torch.allclose(got.gather(-1, top), expected.gather(-1, top), rtol=0, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    outside = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(got[outside], rough[outside]) and not torch.allclose(rough, expected, atol=1e-3)
 
 
 def test_int4_keeps_a_bfloat16_models_lm_head_in_bfloat16():

@@ -257,6 +257,8 @@ def measure_ceiling(loaded, batch: int, max_tokens: int, prompts: list[list[int]
     import torch
     from transformers import DynamicCache
 
+    from zmqchat.quantize import step_rows
+
     model, tokenizer, dev = loaded.model, loaded.tokenizer, loaded.device
     cache_arg = models.cache_argument(model)
     prompts = prompts or [
@@ -265,6 +267,7 @@ def measure_ceiling(loaded, batch: int, max_tokens: int, prompts: list[list[int]
         for p in PROMPTS]
 
     def forward(ids, mask, cache):
+        step_rows(ids.numel())  # int4's layers, as in the engine: the few rows' format or the many's
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
         return out.logits[:, -1].argmax(-1, keepdim=True)

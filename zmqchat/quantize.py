@@ -15,10 +15,11 @@ and the CPU's fast kernels are the levers:
   embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
   its one fast path, which is where int4 departs from float32. The LM head, kept out of 4 bits,
-  runs in float16 as fp16's does, where fbgemm runs. The kernel dequantises the weights again
-  for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its weights in bfloat16 (the
-  same values: 2.5 bytes a weight in all) for steps of more rows, which then run as bf16's do
-  (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest format at one
+  runs in float16 as fp16's does, where fbgemm runs; in steps of few rows it ranks every logit in
+  4 bits first and computes the CANDIDATES highest again (ShortlistHead). The kernel dequantises
+  the weights again for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its
+  weights in bfloat16 (the same values: 2.5 bytes a weight in all) for steps of more rows, which
+  then run as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest format at one
   stream. CPU only here: CUDA's int4pack layout differs and is not tested yet, so it is refused
   rather than guessed.
 - bf16: weights stored in bfloat16 and each product's input rounded to bfloat16, for CPUs with
@@ -57,6 +58,7 @@ log = logging.getLogger("zmqchat.quantize")
 
 INT4_GROUP = 32  # weights sharing a scale and a minimum: GGUF's Q4_0/Q4_1 block size
 FEW_ROWS = 4  # the int4pack kernel's block of rows: it dequantises the weights once a block
+CANDIDATES = 64  # int4's LM head: the logits of a step of few rows computed again exactly (ShortlistHead)
 
 
 def chosen(method: str, model: nn.Module) -> str:
@@ -114,12 +116,17 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         # A float32 head in float16 where fbgemm runs: half the bytes of the step's largest product
         # (README, Performance, run Z), and float16 holds the default model's 8-bit values.
         # (Also in bfloat16 for steps of many rows, it kept 8 of 16 replies, not 11, no faster: run Z2.)
-        head_in_fp16 = head is not None and head.weight.dtype == torch.float32 and has_fbgemm()
-        if head_in_fp16:
+        # Steps of few rows shortlist in 4 bits: a quarter of its bytes again (run AB).
+        head_format = "its own dtype"
+        if head is not None and head.weight.dtype == torch.float32 and has_fbgemm():
             _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
+            head_format = "float16"
+            if Int4Linear.fits(head) and head.out_features > CANDIDATES:
+                model.set_output_embeddings(ByRows(ShortlistHead(head), model.get_output_embeddings()))
+                head_format += f" (4-bit for steps of up to {FEW_ROWS} rows, its {CANDIDATES} highest logits exact)"
         log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each)%s; the LM "
                  "head in %s", replaced, INT4_GROUP, fused, f", in bfloat16 for steps of over {FEW_ROWS} rows"
-                 if amx else "", "float16" if head_in_fp16 else "its own dtype")
+                 if amx else "", head_format)
         return model
     raise LoadError(f"unknown quantization {method!r}; choose from {', '.join(QUANTIZE_METHODS)}")
 
@@ -349,6 +356,26 @@ class Int4Linear(nn.Module):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class ShortlistHead(nn.Module):
+    """The LM head for steps of few rows, reading a quarter of float16's bytes: every logit from
+    4-bit weights, then the CANDIDATES highest computed again from the head's own float32 weights
+    (which it shares). The top of the ranking is the exact head's, so greedy decoding chooses
+    as float16's head does (on the default model's prompts the best token was never below 4-bit's
+    ninth: README, Performance, run AB); the logits ranked lower keep int4's error, which reaches
+    sampling and logprobs only through their small share of the softmax."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.rough = Int4Linear(head)
+        self.weight, self.bias = head.weight, head.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.rough(x)
+        top = logits.topk(CANDIDATES, dim=-1).indices
+        exact = (self.weight[top] * x[..., None, :]).sum(-1)
+        return logits.scatter(-1, top, exact if self.bias is None else exact + self.bias[top])
 
 
 class ByRows(nn.Module):
