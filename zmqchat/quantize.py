@@ -19,9 +19,9 @@ and the CPU's fast kernels are the levers:
   4 bits first and computes the CANDIDATES highest again (ShortlistHead). The kernel dequantises
   the weights again for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its
   weights in bfloat16 (the same values: 2.5 bytes a weight in all) for steps of more rows, which
-  then run as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest format at one
-  stream. CPU only here: CUDA's int4pack layout differs and is not tested yet, so it is refused
-  rather than guessed.
+  then run as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The
+  fastest format at one stream. CPU only here: CUDA's int4pack layout differs and is not tested
+  yet, so it is refused rather than guessed.
 - bf16: weights stored in bfloat16 and each product's input rounded to bfloat16, for CPUs with
   AMX (Intel Sapphire Rapids and later), whose tiles multiply bfloat16 matrices many times faster
   than float32 vectors do. Compiled (--compile), Inductor's AMX GEMM template runs the products

@@ -14,8 +14,8 @@ whose job asked for its prompt's logprobs.
 
 With `compile`, the model's forward goes through torch.compile, compiled once at start: the
 attention and fbgemm's layers (quantize.py) are opaque operators and every size that changes
-between steps is unbacked, so one graph serves every step (int4's on AMX: one for steps of few
-rows, one for the rest, quantize.step_rows); bf16's layers are compiled with the Inductor options
+between steps is unbacked, so one graph serves every step (int4's: one for steps of few rows,
+one for the rest, quantize.step_rows); bf16's layers are compiled with the Inductor options
 quantize.inductor_options gives. It runs fastest on the thread that compiled it
 (worker.py says why). README, Performance, has its figures (runs J, P to R).
 
