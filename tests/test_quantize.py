@@ -19,9 +19,9 @@ from zmqchat.quantize import (CANDIDATES, FEW_ROWS, INT4_GROUP, BFloat16Linear, 
                               step_rows)
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(vocab_size: int = 96) -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -247,8 +247,16 @@ def test_int4_computes_what_its_dequantised_weights_do_by_its_kernel_or_in_bfloa
     assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item())
 
 
-def test_a_layer_whose_inputs_do_not_fill_whole_groups_is_left_alone():
-    assert Int4Linear.fits(nn.Linear(64, 8)) and not Int4Linear.fits(nn.Linear(40, 8))
+def test_a_layer_the_int4_kernel_cannot_pack_is_left_alone():
+    """Its inputs must fill whole groups and its outputs the kernel's blocks of 16: a vocabulary
+    of another size (GPT-2's 50,257) keeps its LM head in float16 for every step."""
+    assert Int4Linear.fits(nn.Linear(64, 16))
+    assert not Int4Linear.fits(nn.Linear(40, 16)) and not Int4Linear.fits(nn.Linear(64, 8))
+    model = quantize(tiny_llama(vocab_size=100), "int4")
+    head = model.get_output_embeddings()
+    assert isinstance(head, PackedLinear) and head.fp16
+    with torch.inference_mode():
+        assert model(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)
 
 
 @pytest.fixture(scope="module")

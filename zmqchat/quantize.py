@@ -57,6 +57,7 @@ from zmqchat.models import LoadError
 log = logging.getLogger("zmqchat.quantize")
 
 INT4_GROUP = 32  # weights sharing a scale and a minimum: GGUF's Q4_0/Q4_1 block size
+INT4_PACKED_OUTPUTS = 16  # the int4pack kernel packs a layer's outputs in blocks of this many
 FEW_ROWS = 4  # the int4pack kernel's block of rows: it dequantises the weights once a block
 CANDIDATES = 64  # int4's LM head: the logits of a step of few rows computed again exactly (ShortlistHead)
 
@@ -349,7 +350,8 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def fits(linear: nn.Linear) -> bool:
-        return linear.in_features % INT4_GROUP == 0 and linear.weight.device.type == "cpu"
+        return (linear.in_features % INT4_GROUP == 0 and linear.out_features % INT4_PACKED_OUTPUTS == 0
+                and linear.weight.device.type == "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # float32 input takes a slow path
