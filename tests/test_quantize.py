@@ -15,14 +15,14 @@ from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
 from zmqchat.quantize import (CANDIDATES, FEW_ROWS, INT4_GROUP, BFloat16Linear, ByRows, Int4Linear, LinearPart,
-                              PackedLinear, chosen, inductor_options, int4_by_rows, quantize, quantize_groups,
-                              step_rows)
+                              PackedLinear, ShortlistHead, chosen, inductor_options, int4_by_rows, quantize,
+                              quantize_groups, step_rows)
 
 
-def tiny_llama(vocab_size: int = 96) -> nn.Module:
+def tiny_llama(vocab_size: int = 96, tied: bool = False) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -104,28 +104,46 @@ def test_bf16_and_int4_make_sibling_layers_one_product_giving_each_layers_own_an
 
 
 @pytest.mark.parametrize("amx", [False, True])
-def test_int4_runs_the_lm_head_of_many_rows_in_float16_and_of_few_rows_shortlisted(amx, monkeypatch, step_of):
+@pytest.mark.parametrize("tied", [False, True])
+def test_int4_runs_the_lm_head_of_many_rows_in_float16_and_of_few_rows_shortlisted(amx, tied, monkeypatch, step_of):
     """Many rows (where int4's other layers run in bfloat16 on AMX): float16, as fp16's head.
-    Few: every logit from the 4-bit weights, the CANDIDATES highest of them computed again from
-    the float32 weights, so the top of the ranking is the exact head's."""
+    Few: every logit from the 4-bit weights, the CANDIDATES highest of them computed again, so
+    the top of the ranking is the exact head's: from the float32 weights of a head that is the
+    input embedding (shared), else from a float16 copy (the float16 head's values)."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    exact = tiny_llama().get_output_embeddings()
-    model = quantize(tiny_llama(), "int4")
+    model = quantize(tiny_llama(tied=tied), "int4")
     assert isinstance(model.model.layers[0].mlp.down_proj, ByRows if amx else Int4Linear)
     head = model.get_output_embeddings()
     assert isinstance(head.many, PackedLinear) and head.many.fp16
-    reference = pytorch_quantized(tiny_llama(), "fp16").get_output_embeddings()
+    if tied:
+        assert head.few.weight is model.get_input_embeddings().weight
+    else:
+        assert head.few.weight.dtype == torch.float16
+    reference = pytorch_quantized(tiny_llama(tied=tied), "fp16").get_output_embeddings()
+    exact = tiny_llama(tied=tied).get_output_embeddings()
     x = torch.randn(3, 64) * 4  # spread the logits beyond int4's error
     with torch.inference_mode():
         step_of(FEW_ROWS + 1)
         assert torch.equal(head(x), reference(x))
         step_of(FEW_ROWS)
-        got, expected, rough = head(x), exact(x), Int4Linear(exact)(x)
+        got, expected, rough = head(x), (exact if tied else reference)(x), Int4Linear(exact)(x)
     top = rough.topk(CANDIDATES, dim=-1).indices
     assert torch.allclose(got.gather(-1, top), expected.gather(-1, top), rtol=0, atol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     outside = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
     assert torch.equal(got[outside], rough[outside]) and not torch.allclose(rough, expected, atol=1e-3)
+
+
+def test_the_shortlisted_head_adds_its_bias_to_the_logits_it_computes_again():
+    torch.manual_seed(0)
+    head = nn.Linear(64, 96, bias=True)
+    with torch.no_grad():
+        head.bias.mul_(10)  # large enough to reorder the logits
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        got, expected, rough = ShortlistHead(head, tied=True)(x), head(x), Int4Linear(head)(x)
+    top = rough.topk(CANDIDATES, dim=-1).indices
+    assert torch.allclose(got.gather(-1, top), expected.gather(-1, top), rtol=0, atol=1e-5)
 
 
 def test_int4_keeps_a_bfloat16_models_lm_head_in_bfloat16():

@@ -14,9 +14,9 @@ and the CPU's fast kernels are the levers:
 - int4: groupwise 4-bit weights (a scale and a minimum per 32 weights, as GGUF's Q4_1, so the
   embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
-  its one fast path, which is where int4 departs from float32. The LM head, kept out of 4 bits,
-  runs in float16 as fp16's does, where fbgemm runs; in steps of few rows it ranks every logit in
-  4 bits first and computes the CANDIDATES highest again (ShortlistHead). The kernel dequantises
+  its one fast path, which is where int4 departs from float32. The LM head runs in float16 as
+  fp16's does, where fbgemm runs; in steps of few rows it ranks every logit in 4 bits first and
+  computes the CANDIDATES highest again (ShortlistHead). The kernel dequantises
   the weights again for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its
   weights in bfloat16 (the same values: 2.5 bytes a weight in all) for steps of more rows, which
   then run as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The
@@ -85,7 +85,8 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         raise LoadError(f"--quantize {method} runs on the CPU only for now (the model is on "
                         f"{', '.join(sorted(devices))})")
     # Below 16 bits the LM head keeps at least 16: it is the tied input embedding (8-bit in the
-    # default model's file), and quantised again the next-token ranking suffers most.
+    # default model's file), and quantised again the next-token ranking suffers most (int4's
+    # ranks in 4 bits only to shortlist the tokens it then computes exactly: ShortlistHead).
     head = model.get_output_embeddings()
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     if method in ("fp16", "int8", "bf16") and (dtypes := {str(p.dtype)[6:] for p in model.parameters()} - {"float32"}):
@@ -123,7 +124,8 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
             _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
             head_format = "float16"
             if Int4Linear.fits(head) and head.out_features > CANDIDATES:
-                model.set_output_embeddings(ByRows(ShortlistHead(head), model.get_output_embeddings()))
+                tied = head.weight is model.get_input_embeddings().weight
+                model.set_output_embeddings(ByRows(ShortlistHead(head, tied), model.get_output_embeddings()))
                 head_format += f" (4-bit for steps of up to {FEW_ROWS} rows, its {CANDIDATES} highest logits exact)"
         log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each)%s; the LM "
                  "head in %s", replaced, INT4_GROUP, fused, f", in bfloat16 for steps of over {FEW_ROWS} rows"
@@ -362,21 +364,24 @@ class Int4Linear(nn.Module):
 
 class ShortlistHead(nn.Module):
     """The LM head for steps of few rows, reading a quarter of float16's bytes: every logit from
-    4-bit weights, then the CANDIDATES highest computed again from the head's own float32 weights
-    (which it shares). The top of the ranking is the exact head's, so greedy decoding chooses
-    as float16's head does (on the default model's prompts the best token was never below 4-bit's
-    ninth: README, Performance, run AB); the logits ranked lower keep int4's error, which reaches
-    sampling and logprobs only through their small share of the softmax."""
+    4-bit weights, then the CANDIDATES highest computed again exactly, from the head's weights:
+    float32's where the head is the input embedding (shared), else a float16 copy (the float16
+    head's values, half of float32's memory). Greedy decoding chooses as the exact head does where
+    the best token is among the candidates (on the default model's prompts it never ranked below
+    4-bit's ninth: README, Performance, run AB). The logits ranked lower keep int4's error: so does
+    the logprob of a token outside the candidates (a prompt's, in steps of few rows), and a choice
+    that a grammar, logit_bias or a penalty moves off the candidates is made on 4-bit logits."""
 
-    def __init__(self, head: nn.Linear):
+    def __init__(self, head: nn.Linear, tied: bool):
         super().__init__()
         self.rough = Int4Linear(head)
-        self.weight, self.bias = head.weight, head.bias
+        weight = head.weight if tied else nn.Parameter(head.weight.detach().half(), requires_grad=False)
+        self.weight, self.bias = weight, head.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.rough(x)
         top = logits.topk(CANDIDATES, dim=-1).indices
-        exact = (self.weight[top] * x[..., None, :]).sum(-1)
+        exact = (self.weight[top].to(x.dtype) * x[..., None, :]).sum(-1)
         return logits.scatter(-1, top, exact if self.bias is None else exact + self.bias[top])
 
 
