@@ -16,11 +16,11 @@ and the CPU's fast kernels are the levers:
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
   its one fast path, which is where int4 departs from float32. The LM head runs in float16 as
   fp16's does, where fbgemm runs; in steps of few rows it ranks every logit in 4 bits first and
-  computes the CANDIDATES highest again (ShortlistHead). The kernel dequantises
-  the weights again for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its
-  weights in bfloat16 (the same values: 2.5 bytes a weight in all) for steps of more rows, which
-  then run as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The
-  fastest format at one stream. CPU only here: CUDA's int4pack layout differs and is not tested
+  computes the CANDIDATES highest again (ShortlistHead). The kernel dequantises the weights
+  again for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its weights in
+  bfloat16 (the same values: 2.5 bytes a weight in all) for steps of more rows, which then run
+  as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest
+  format at one stream. CPU only here: CUDA's int4pack layout differs and is not tested
   yet, so it is refused rather than guessed.
 - bf16: weights stored in bfloat16 and each product's input rounded to bfloat16, for CPUs with
   AMX (Intel Sapphire Rapids and later), whose tiles multiply bfloat16 matrices many times faster
