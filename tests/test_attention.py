@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zmqchat.engine.attention import PagedKV, paged_attention, plan_step
+from zmqchat.engine import kernels
+from zmqchat.engine.attention import PagedKV, _attend, paged_attention, plan_step
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 8, 4
 CONFIG = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=KV_HEADS, head_dim=DIM,
@@ -35,8 +36,18 @@ def run_step(kv, chunks, qkv, **layer_args):
     return out[0].split([end - start for _, _, start, end in chunks])
 
 
+@pytest.fixture(params=["kernel", "pytorch"])
+def decode_path(request, monkeypatch):
+    """The decodes' attention on zmqchat's own CPU kernel (which must build here) or on PyTorch's operators."""
+    if request.param == "kernel":
+        assert kernels.decode_attention() is not None, "zmqchat's CPU kernels did not build (see the log)"
+    else:
+        monkeypatch.setattr(kernels, "decode_attention", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 5.0)], ids=["full", "sliding", "softcap"])
-def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap):
+def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap, decode_path):
     torch.manual_seed(0)
     lengths = {"a": 9, "b": 5, "c": 6, "d": 4}
     qkv = {name: (torch.randn(HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM))
@@ -56,3 +67,25 @@ def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap):
             outputs[name].append(out)
     for name, (q, k, v) in qkv.items():
         assert torch.allclose(torch.cat(outputs[name]), reference(q, k, v, window, softcap), atol=1e-5), name
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (8, 8, 72), (4, 1, 20)])
+def test_the_decode_kernel_computes_what_pytorchs_attention_does(heads, kv_heads, dim):
+    """Head sizes on and off the kernel's vector width, query heads grouped or not, sequences of
+    different lengths whose block tables are padded with the null block, a window."""
+    torch.manual_seed(0)
+    kernel = kernels.decode_attention()
+    assert kernel is not None, "zmqchat's CPU kernels did not build (see the log)"
+    pool = torch.randn(128 * BLOCK, 2, kv_heads, dim)
+    lengths = torch.tensor([1, 7, 30, 64, 13])
+    slots = torch.randperm(127 * BLOCK)[:5 * 64].reshape(5, 64) + BLOCK  # past the null block
+    keys = torch.arange(64)
+    for window in (0, 5):
+        mask = keys < lengths[:, None]
+        if window:
+            mask &= keys >= lengths[:, None] - window
+        slots_padded = torch.where(keys < lengths[:, None], slots, 0)
+        q = torch.randn(5, heads, dim)
+        expected = _attend(q[:, :, None], pool, slots_padded, mask[:, None, None], dim ** -0.5, 0.0)
+        got = kernel(q, pool, slots_padded, mask[:, None, None], dim ** -0.5, 0.0)
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from zmqchat.engine import kernels
 from zmqchat.engine.kv_cache import NULL_BLOCK
 
 ATTENTION = "zmqchat_paged"
@@ -157,7 +158,11 @@ def attend_as_planned(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     decodes = decode_key_slots.shape[0]
     outs = []
     if decodes:  # one query each: no padding, no re-indexing
-        outs.append(_attend(queries[:decodes, :, None], pool, decode_key_slots, decode_mask, scaling, softcap))
+        kernel = kernels.decode_attention() if pool.is_cpu and pool.dtype == torch.float32 else None
+        if kernel is not None:  # zmqchat's own, on a CPU (kernels/decode_attention.cpp)
+            outs.append(kernel(queries[:decodes], pool, decode_key_slots, decode_mask, scaling, softcap))
+        else:
+            outs.append(_attend(queries[:decodes, :, None], pool, decode_key_slots, decode_mask, scaling, softcap))
     if query_index.shape[0]:
         q = queries[decodes:][query_index].transpose(1, 2)  # [B, Hq, Tq, D]
         outs.append(_attend(q, pool, key_slots, mask, scaling, softcap)[token_rows])

@@ -1,0 +1,60 @@
+"""zmqchat's own CPU kernels (the .cpp files here), built with the machine's C++ compiler on first
+use, as Inductor builds its own, and loaded as PyTorch operators (torch.ops.zmqchat_kernels).
+
+Built for this CPU's instructions (-march=native) into a folder named after them and the
+sources, so that machines sharing a home folder never load each other's builds, and a build is
+made once per machine (about 15 s). Where no compiler is at hand the build fails once, is
+logged, and callers take PyTorch's operators instead (`decode_attention()` is None).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sysconfig
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("zmqchat.kernels")
+
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def _cpu_flags() -> bytes:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")),
+                    b"")
+    except OSError:
+        return b""
+
+
+@cache
+def load() -> bool:
+    """Build (once per machine and source) and load the kernels; whether they are loaded."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(_cpu_flags() + b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:16]
+    name = f"zmqchat_kernels_{digest}"
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    # PyTorch builds with ninja, which pip installs next to this interpreter: on PATH or not.
+    os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
+    started = time.perf_counter()
+    try:
+        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                           build_directory=str(folder), is_python_module=False)
+    except Exception as exc:  # no compiler, no ninja, a CPU the flags do not fit: PyTorch's operators still serve
+        log.warning("zmqchat's CPU kernels did not build; attention runs on PyTorch's operators: %s", exc)
+        return False
+    if time.perf_counter() - started > 1:
+        log.info("built zmqchat's CPU kernels in %.0f s (%s)", time.perf_counter() - started, folder)
+    return True
+
+
+def decode_attention():
+    """The decoding sequences' attention kernel (decode_attention.cpp), or None where it did not build."""
+    return torch.ops.zmqchat_kernels.decode_attention.default if load() else None
