@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from zmqchat.config import BLOCK_SIZE, CPU_KV_CACHE_BYTES, MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
+from zmqchat.engine import kernels
 from zmqchat.engine.attention import ATTENTION, STEP_ARGUMENT, PagedKV, StepPlan, kv_shape, plan_step
 from zmqchat.engine.kv_cache import NULL_BLOCK, blocks_holding
 from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
@@ -81,6 +82,7 @@ class HFRunner:
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         if torch.device(self.device).type == "cpu":
             keep_freed_memory()
+            kernels.load()  # built here, not in the first request (once per machine, ~15 s)
         # Prompts are encoded on the worker's preparing thread while the engine thread decodes:
         # each gets its own tokenizer, since a fast tokenizer is not safe to share across threads.
         self.encoder = copy.deepcopy(self.tokenizer)
