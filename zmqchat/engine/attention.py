@@ -12,8 +12,11 @@ The step's layout (StepPlan: slots to write, keys to read, masks) is built once 
 shared by every layer; transformers passes it through the model's forward to `paged_attention`,
 registered as the attention implementation "zmqchat_paged". A step being compiled sees each
 layer's attention as one operator of its own, `zmqchat::planned_attention`; an eager step calls
-the same function directly. A forward without a plan (the embeddings' padded batch,
-transformers' own generate) is plain SDPA with transformers' masks.
+the same function directly. On a CPU the decodes' group goes through zmqchat's own kernel
+(kernels/decode_attention.cpp: each slot's keys read once, in place, for every head) where it
+built; the prompts' group, and any group on other devices, gathers its keys as above. A forward
+without a plan (the embeddings' padded batch, transformers' own generate) is plain SDPA with
+transformers' masks.
 Sliding-window layers get a windowed mask; layers with soft-capped logits (Gemma 2) are
 computed without SDPA, which has no soft cap.
 """
