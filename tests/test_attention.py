@@ -1,6 +1,9 @@
 """Paged attention on its own: a step of chunks over the block pool computes, for every token,
 what plain attention over its own sequence's keys computes, whatever the step's other chunks."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -89,3 +92,14 @@ def test_the_decode_kernel_computes_what_pytorchs_attention_does(heads, kv_heads
         expected = _attend(q[:, :, None], pool, slots_padded, mask[:, None, None], dim ** -0.5, 0.0)
         got = kernel(q, pool, slots_padded, mask[:, None, None], dim ** -0.5, 0.0)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_without_a_compiler_the_kernel_is_left_out_and_says_why(tmp_path):
+    """A machine with no C++ compiler still serves, on PyTorch's operators, and its log says why."""
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from zmqchat.engine import kernels\n"
+            "print('kernel:', kernels.decode_attention())")
+    env = {**os.environ, "PATH": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "kernel: None" in done.stdout
+    assert "zmqchat's CPU kernels did not build; attention runs on PyTorch's operators" in done.stderr
