@@ -40,22 +40,23 @@ def run_step(kv, chunks, qkv, **layer_args):
 
 
 @pytest.fixture(params=["kernel", "pytorch"])
-def decode_path(request, monkeypatch):
-    """The decodes' attention on zmqchat's own CPU kernel (which must build here) or on PyTorch's operators."""
+def attention_path(request, monkeypatch):
+    """Attention on zmqchat's own CPU kernels (which must build here) or on PyTorch's operators."""
     if request.param == "kernel":
-        assert kernels.decode_attention() is not None, "zmqchat's CPU kernels did not build (see the log)"
+        assert kernels.planned_attention() is not None, "zmqchat's CPU kernels did not build (see the log)"
     else:
-        monkeypatch.setattr(kernels, "decode_attention", lambda: None)
+        monkeypatch.setattr(kernels, "planned_attention", lambda: None)
     return request.param
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 5.0)], ids=["full", "sliding", "softcap"])
-def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap, decode_path):
+def test_each_token_attends_to_its_own_sequence_as_if_alone(window, softcap, attention_path):
     torch.manual_seed(0)
     lengths = {"a": 9, "b": 5, "c": 6, "d": 4}
     qkv = {name: (torch.randn(HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM), torch.randn(KV_HEADS, n, DIM))
            for name, n in lengths.items()}
     kv = PagedKV(CONFIG, num_blocks=12, block_size=BLOCK, dtype=torch.float32, device="cpu")
+    assert (kv.kernel is not None) == (attention_path == "kernel")
     blocks = {"a": [3, 1, 7], "b": [2, 5], "c": [9, 4], "d": [10]}  # scattered, as a pool hands them out
     for pool in kv.layers:  # stale values in the blocks must not matter
         pool[BLOCK:].fill_(1e4)

@@ -10,11 +10,12 @@ prompt joining a step of decodes does not pad them all to its length.
 
 The step's layout (StepPlan: slots to write, keys to read, masks) is built once per step and
 shared by every layer; transformers passes it through the model's forward to `paged_attention`,
-registered as the attention implementation "zmqchat_paged". A step being compiled sees each
-layer's attention as one operator of its own, `zmqchat::planned_attention`; an eager step calls
-the same function directly. On a CPU the decodes' group goes through zmqchat's own kernel
-(kernels/decode_attention.cpp: each slot's keys read once, in place, for every head) where it
-built; the prompts' group, and any group on other devices, gathers its keys as above. A forward
+registered as the attention implementation "zmqchat_paged". A layer's attention is one operator
+of its own. On a CPU, where zmqchat's kernels built, it is C++ (kernels/decode_attention.cpp:
+the decodes' group reads each slot's keys once, in place, for every head; the prompts' group
+gathers as below), eager or compiled. Elsewhere it is `attend_as_planned` (PyTorch's operators:
+each group gathers its keys and runs SDPA), an operator of its own (`zmqchat::planned_attention`)
+to a step being compiled, the function itself to an eager one. A forward
 without a plan (the embeddings' padded batch, transformers' own generate) is plain SDPA with
 transformers' masks.
 Sliding-window layers get a windowed mask; layers with soft-capped logits (Gemma 2) are
@@ -53,6 +54,10 @@ class PagedKV:
     def __init__(self, config, num_blocks: int, block_size: int, dtype, device):
         layers, kv_heads, head_dim = kv_shape(config)
         self.block_size = block_size
+        # zmqchat's C++ attention where it applies (a float32 pool on a CPU) and built (the build,
+        # once per machine, ~15 s, happens here: not in the first request); else None.
+        self.kernel = kernels.planned_attention() if torch.device(device).type == "cpu" and dtype == torch.float32 \
+            else None
         # Never written, so never touched in memory until used (torch.empty): only the null
         # block is zeroed, as the keys and values that padding reads.
         self.layers = [torch.empty(num_blocks * block_size, 2, kv_heads, head_dim, dtype=dtype, device=device)
@@ -141,9 +146,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, sli
             return _softcapped_attention(query, key, value, mask, scaling, softcap).transpose(1, 2), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    # Compiled, the attention is an operator of its own; eager, the function itself, which saves
+    # Compiled, the PyTorch path is an operator of its own; eager, the function itself, which saves
     # the operator's dispatch.
-    attend = planned_attention if torch.compiler.is_compiling() else attend_as_planned
+    attend = step.kv.kernel or (planned_attention if torch.compiler.is_compiling() else attend_as_planned)
     window, decodes, prompts = sliding_window or 0, step.decodes, step.prompts
     return attend(query, key, value, step.kv.layers[module.layer_idx], step.write_slots, decodes.key_slots,
                   decodes.mask(window), prompts.query_index, prompts.key_slots, prompts.token_rows,
@@ -155,17 +160,14 @@ def attend_as_planned(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       query_index: torch.Tensor, key_slots: torch.Tensor, token_rows: torch.Tensor,
                       mask: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:
     """One layer's attention for a step (see StepPlan) over its `pool` (PagedKV): the decodes'
-    group, then the prompts'; softcap 0 for none."""
+    group, then the prompts'; softcap 0 for none. (planned_attention in decode_attention.cpp is
+    the same on a CPU.)"""
     pool.index_copy_(0, write_slots, torch.stack([key[0], value[0]]).permute(2, 0, 1, 3))
     queries = query[0].transpose(0, 1)  # [N, Hq, D]
     decodes = decode_key_slots.shape[0]
     outs = []
     if decodes:  # one query each: no padding, no re-indexing
-        kernel = kernels.decode_attention() if pool.is_cpu and pool.dtype == torch.float32 else None
-        if kernel is not None:  # zmqchat's own, on a CPU (kernels/decode_attention.cpp)
-            outs.append(kernel(queries[:decodes], pool, decode_key_slots, decode_mask, scaling, softcap))
-        else:
-            outs.append(_attend(queries[:decodes, :, None], pool, decode_key_slots, decode_mask, scaling, softcap))
+        outs.append(_attend(queries[:decodes, :, None], pool, decode_key_slots, decode_mask, scaling, softcap))
     if query_index.shape[0]:
         q = queries[decodes:][query_index].transpose(1, 2)  # [B, Hq, Tq, D]
         outs.append(_attend(q, pool, key_slots, mask, scaling, softcap)[token_rows])

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from zmqchat.config import BLOCK_SIZE, CPU_KV_CACHE_BYTES, MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
-from zmqchat.engine import kernels
 from zmqchat.engine.attention import ATTENTION, STEP_ARGUMENT, PagedKV, StepPlan, kv_shape, plan_step
 from zmqchat.engine.kv_cache import NULL_BLOCK, blocks_holding
 from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
@@ -82,7 +81,6 @@ class HFRunner:
         self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
         if torch.device(self.device).type == "cpu":
             keep_freed_memory()
-            kernels.load()  # built here, not in the first request (once per machine, ~15 s)
         # Prompts are encoded on the worker's preparing thread while the engine thread decodes:
         # each gets its own tokenizer, since a fast tokenizer is not safe to share across threads.
         self.encoder = copy.deepcopy(self.tokenizer)
@@ -222,8 +220,11 @@ class HFRunner:
         compiled = torch.compile(_code_of_its_own(self.model), dynamic=True,
                                  options={"guard_filter_fn": skip_module_guards} if skip_module_guards else None)
         # Set around each call, where any compiling happens: Inductor does not take `freezing`
-        # from torch.compile's options.
-        options = {many_rows: inductor_options(self.model, many_rows) for many_rows in (False, True)}
+        # from torch.compile's options. Without size_asserts: the compiled code would check the
+        # sizes and strides of every weight and input on each step (~670 checks, ~0.5 ms of a
+        # one-stream step), which the guards and a loaded model's unchanging weights make moot.
+        options = {many_rows: {"size_asserts": False, **inductor_options(self.model, many_rows)}
+                   for many_rows in (False, True)}
 
         def forward(**inputs):
             _unspecialised(inputs)

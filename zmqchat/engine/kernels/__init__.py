@@ -50,6 +50,7 @@ def load() -> bool:
     except Exception as exc:  # no compiler, no ninja, a CPU the flags do not fit: PyTorch's operators still serve
         log.warning("zmqchat's CPU kernels did not build; attention runs on PyTorch's operators: %s", exc)
         return False
+    torch.library.register_fake("zmqchat_kernels::planned_attention")(_planned_attention_shape)  # for torch.compile
     if time.perf_counter() - started > 1:
         log.info("built zmqchat's CPU kernels in %.0f s (%s)", time.perf_counter() - started, folder)
     return True
@@ -58,3 +59,14 @@ def load() -> bool:
 def decode_attention():
     """The decoding sequences' attention kernel (decode_attention.cpp), or None where it did not build."""
     return torch.ops.zmqchat_kernels.decode_attention.default if load() else None
+
+
+def planned_attention():
+    """A layer's attention for a step on a float32 pool (attention.attend_as_planned's work, in
+    C++: decode_attention.cpp), or None where the kernels did not build."""
+    return torch.ops.zmqchat_kernels.planned_attention.default if load() else None
+
+
+def _planned_attention_shape(query, *_):
+    """Its output's shape and dtype, for torch.compile: [1, N, Hq, D] of query [1, Hq, N, D]."""
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])

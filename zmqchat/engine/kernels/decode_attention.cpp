@@ -9,6 +9,11 @@
 // queries [B, Hq, D]; pool [slots, 2, Hkv, D] (keys, values); key_slots [B, Lk] (the slot of each
 // sequence's j-th key); mask [B, Lk] (the keys each query may see); softcap 0 for none.
 // Returns [B, Hq, D].
+//
+// planned_attention: a layer's whole attention for a step (attention.py's attend_as_planned, the
+// same operators in the same order, with this kernel for the decodes) as one C++ operator, so
+// that a step, eager or compiled, spends no Python on it: a one-stream step's 30 layers ran ~5%
+// faster for it (README, Performance, run AD).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -128,11 +133,56 @@ at::Tensor decode_attention(const at::Tensor& queries, const at::Tensor& pool, c
   return out;
 }
 
+// Queries [B, Hq, Tq, D] over the keys and values at `key_slots` [B, Lk]: [B x Tq, Hq, D]
+// (attention.py's _attend: the prompts' group).
+at::Tensor attend_gathered(const at::Tensor& q, const at::Tensor& pool, const at::Tensor& key_slots,
+                           const at::Tensor& mask, double scale, double softcap) {
+  const at::Tensor kv = pool.index_select(0, key_slots.flatten()).unflatten(0, key_slots.sizes())
+                            .permute({2, 0, 3, 1, 4});  // [2, B, Hkv, Lk, D]
+  at::Tensor k = kv[0], v = kv[1];
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), d = q.size(3);
+  at::Tensor out;
+  if (softcap > 0) {
+    const int64_t group = heads / k.size(1);
+    k = k.repeat_interleave(group, 1);
+    v = v.repeat_interleave(group, 1);
+    const at::Tensor scores = at::tanh(at::matmul(q, k.transpose(-1, -2)) * (scale / softcap)) * softcap;
+    out = at::matmul(at::softmax(scores.masked_fill(mask.logical_not(), kMasked), -1), v);
+  } else {
+    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, heads != k.size(1));
+  }
+  return out.reshape({batch, heads, queries, d}).transpose(1, 2).flatten(0, 1);
+}
+
+at::Tensor planned_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
+                             const at::Tensor& write_slots, const at::Tensor& decode_key_slots,
+                             const at::Tensor& decode_mask, const at::Tensor& query_index, const at::Tensor& key_slots,
+                             const at::Tensor& token_rows, const at::Tensor& mask, double scale, double softcap) {
+  pool.index_copy_(0, write_slots, at::stack({key[0], value[0]}).permute({2, 0, 1, 3}));
+  const at::Tensor queries = query[0].transpose(0, 1);  // [N, Hq, D]
+  const int64_t decodes = decode_key_slots.size(0);
+  std::vector<at::Tensor> outs;
+  if (decodes) outs.push_back(decode_attention(queries.slice(0, 0, decodes), pool, decode_key_slots, decode_mask,
+                                               scale, softcap));
+  if (query_index.size(0)) {
+    const at::Tensor q = queries.slice(0, decodes).index_select(0, query_index.flatten())
+                             .unflatten(0, query_index.sizes()).transpose(1, 2);  // [B, Hq, Tq, D]
+    outs.push_back(attend_gathered(q, pool, key_slots, mask, scale, softcap).index_select(0, token_rows));
+  }
+  return (outs.size() == 1 ? outs[0] : at::cat(outs)).unsqueeze(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zmqchat_kernels, m) {
+  m.def("planned_attention(Tensor query, Tensor key, Tensor value, Tensor(a!) pool, Tensor write_slots, "
+        "Tensor decode_key_slots, Tensor decode_mask, Tensor query_index, Tensor key_slots, "
+        "Tensor token_rows, Tensor mask, float scaling, float softcap) -> Tensor");
   m.def("decode_attention(Tensor queries, Tensor pool, Tensor key_slots, Tensor mask, float scale, float softcap) "
         "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(zmqchat_kernels, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(zmqchat_kernels, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("planned_attention", &planned_attention);
+}
