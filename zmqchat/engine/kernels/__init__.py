@@ -4,7 +4,7 @@ use, as Inductor builds its own, and loaded as PyTorch operators (torch.ops.zmqc
 Built for this CPU's instructions (-march=native) into a folder named after them and the
 sources, so that machines sharing a home folder never load each other's builds, and a build is
 made once per machine (about 15 s). Where no compiler is at hand the build fails once, is
-logged, and callers take PyTorch's operators instead (`decode_attention()` is None).
+logged, and callers take PyTorch's operators instead (`planned_attention()` is None).
 """
 
 from __future__ import annotations
