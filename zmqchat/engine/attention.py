@@ -15,9 +15,8 @@ of its own. On a CPU, where zmqchat's kernels built, it is C++ (kernels/decode_a
 the decodes' group reads each slot's keys once, in place, for every head; the prompts' group
 gathers as below), eager or compiled. Elsewhere it is `attend_as_planned` (PyTorch's operators:
 each group gathers its keys and runs SDPA), an operator of its own (`zmqchat::planned_attention`)
-to a step being compiled, the function itself to an eager one. A forward
-without a plan (the embeddings' padded batch, transformers' own generate) is plain SDPA with
-transformers' masks.
+to a step being compiled, the function itself to an eager one. A forward without a plan (the
+embeddings' padded batch, transformers' own generate) is plain SDPA with transformers' masks.
 Sliding-window layers get a windowed mask; layers with soft-capped logits (Gemma 2) are
 computed without SDPA, which has no soft cap.
 """
