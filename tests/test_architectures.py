@@ -201,7 +201,8 @@ def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quant
     as they are, in fp16 (fbgemm's layers called from the compiled graph) and in int4 (the
     int4pack kernel called by Inductor; without AMX, where int4 keeps no bfloat16 copies for
     steps of many rows, only its LM head makes steps of few rows and of many a graph each:
-    shortlisted in 4 bits, or fbgemm's float16)."""
+    shortlisted in 4 bits, or fbgemm's float16). Steps of decodes only run ahead of time
+    compiled (AOTInductor), but where fbgemm's layers are (fp16), which torch.export cannot take."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -210,6 +211,7 @@ def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quant
     with caplog.at_level("INFO", logger="zmqchat.engine"):
         compiled = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize), compile=True)
     assert "compiled the model's step" in caplog.text
+    assert ("compiled steps of decodes ahead of time" in caplog.text) == (quantize != "fp16")
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == before + (2 if quantize == "int4" else 1), "the model's forward was split into several graphs"
     jobs = prompts(eager.vocab_size)
@@ -248,6 +250,19 @@ def test_two_models_compiled_in_one_process_each_keep_their_own_graphs(llama_fol
     for quantize, compiled in runners.items():
         eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu", quantize=quantize))
         assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs), quantize
+
+
+def test_decodes_that_fail_to_compile_ahead_of_time_run_in_the_compiled_graph(llama_folder, monkeypatch, caplog):
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("cannot export this model")
+
+    monkeypatch.setattr(torch.export, "export", failing_export)
+    with caplog.at_level("WARNING", logger="zmqchat.engine"):
+        compiled = HFRunner(models.load(model_path=str(llama_folder), device="cpu"), compile=True)
+    assert "could not be compiled ahead of time" in caplog.text and "cannot export this model" in caplog.text
+    eager = HFRunner(models.load(model_path=str(llama_folder), device="cpu"))
+    jobs = prompts(eager.vocab_size)
+    assert engine_outputs(compiled, jobs) == engine_outputs(eager, jobs)
 
 
 def test_a_compile_that_fails_leaves_the_model_eager(llama_folder, monkeypatch, caplog):

@@ -32,7 +32,11 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from zmqchat.config import BLOCK_SIZE, CPU_KV_CACHE_BYTES, MAX_SLOTS_FROM_MEMORY, SLOT_TOKENS
-from zmqchat.engine.attention import ATTENTION, STEP_ARGUMENT, PagedKV, StepPlan, kv_shape, plan_step
+from zmqchat.engine.attention import ATTENTION, STEP_ARGUMENT, Attending, PagedKV, StepPlan, kv_shape, plan_step
 from zmqchat.engine.kv_cache import NULL_BLOCK, blocks_holding
 from zmqchat.engine.sampler import prompt_logprobs, sample, seeded_generator
 from zmqchat.engine.scheduler import Batch, Chunk
@@ -48,7 +52,7 @@ from zmqchat.engine.sequence import Sequence
 from zmqchat.grammar import Grammars, Matcher
 from zmqchat.models import LoadedModel, LoadError
 from zmqchat.protocol import ChatMessage, Constraint, ErrorCode, Function, JobError
-from zmqchat.quantize import FEW_ROWS, inductor_options, step_rows
+from zmqchat.quantize import FEW_ROWS, ByRows, PackedLinear, inductor_options, step_rows
 from zmqchat.tools import fallback_conversation
 
 log = logging.getLogger("zmqchat.engine")
@@ -227,9 +231,13 @@ class HFRunner:
                    for many_rows in (False, True)}
 
         def forward(**inputs):
+            if decodes and _decodes_only(inputs):
+                return decodes(inputs)
             _unspecialised(inputs)
             with torch._inductor.config.patch(options[step_rows(inputs["input_ids"].numel())]):
                 return compiled(**inputs)
+
+        decodes = None
 
         started = time.perf_counter()
         try:
@@ -243,7 +251,45 @@ class HFRunner:
                         time.perf_counter() - started, exc)
             return self._eager_forward
         log.info("compiled the model's step in %.0f s", time.perf_counter() - started)
+        if torch.device(self.device).type == "cpu":
+            decodes = self._decodes_ahead_of_time()
         return forward
+
+    def _decodes_ahead_of_time(self):
+        """Steps of decodes only (one token each, up to FEW_ROWS sequences) as a program compiled
+        ahead of time (AOTInductor), or None where that fails (logged; the graph above runs them).
+        Through torch.compile a one-stream step spent ~2 ms in Dynamo (its guards, and gathering
+        the graph's ~430 inputs, the weights among them, from the model's modules) and ~2 more in
+        the graph's Python; here the weights are the program's constants and it runs in C++:
+        one stream 1.27-1.29x in one process (README, Performance, run AE)."""
+        with _few_rows_only(self.model):
+            if any(isinstance(layer, PackedLinear) for layer in self.model.modules()):
+                # fbgemm's packed weights (fp16, int8) are objects torch.export cannot take, and
+                # a failed export leaves the compiled graph to compile again.
+                log.info("steps of decodes run in the compiled graph: fbgemm's layers cannot be compiled ahead of time")
+                return None
+        started = time.perf_counter()
+        sample = plan_step(self.kv, [([NULL_BLOCK + 1], 1, 2), ([NULL_BLOCK + 2], 2, 3)], self.device)
+        inputs = self._inputs(torch.tensor([self.pad_id] * 2, device=self.device), sample,
+                              torch.tensor([0, 1], device=self.device))
+        rows = torch.export.Dim("rows", min=1, max=FEW_ROWS)
+        keys = torch.export.Dim("keys", min=1, max=self.kv.layers[0].shape[0])
+        shapes = ({1: rows}, {0: rows}, {0: rows}, {0: rows}, {0: rows}, {0: rows, 1: keys},
+                  (None,) * len(self.kv.layers))
+        try:
+            step_rows(2)
+            with torch.inference_mode(), _few_rows_only(self.model):
+                program = torch.export.export(_Decodes(self.model, self.kv, self.no_mask), _decode_arguments(inputs),
+                                              dynamic_shapes=shapes, strict=False)
+            with tempfile.TemporaryDirectory() as folder:
+                package = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/decodes.pt2")
+                compiled = torch._inductor.aoti_load_package(package)
+        except Exception as exc:  # export's and AOTInductor's errors have no common base either
+            log.warning("steps of decodes could not be compiled ahead of time after %.0f s; the compiled graph "
+                        "runs them: %s", time.perf_counter() - started, exc)
+            return None
+        log.info("compiled steps of decodes ahead of time in %.0f s", time.perf_counter() - started)
+        return lambda inputs: StepLogits(compiled(*_decode_arguments(inputs)))
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Each input's mean-pooled, normalised last hidden state. Inputs are padded on the
@@ -300,6 +346,60 @@ def _function_dict(function: Function) -> dict:
     described = {"name": function.name, "description": function.description} if function.description \
         else {"name": function.name}
     return {**described, "parameters": json.loads(function.parameters) if function.parameters else {}}
+
+
+@dataclass
+class StepLogits:
+    """A step's output as the model's forward gives it: its logits [1, rows kept, vocabulary]."""
+
+    logits: torch.Tensor
+
+
+class _Decodes(torch.nn.Module):
+    """The model's forward for a step of decodes only, its plan's tensors as flat arguments
+    (_decode_arguments), the form torch.export takes."""
+
+    def __init__(self, model, kv: PagedKV, no_mask: torch.Tensor):
+        super().__init__()
+        self.model, self.kernel, self.block_size, self.no_mask = model, kv.kernel, kv.block_size, no_mask
+
+    def forward(self, input_ids, keep, positions, write_slots, query_positions, key_slots, *pools):
+        rows = input_ids.shape[1]
+        none = torch.zeros(0, 1, dtype=torch.long, device=input_ids.device)
+        order = torch.arange(rows, device=input_ids.device)
+        # The pools as PagedKV holds them: those passed in, which the program writes in place.
+        kv = types.SimpleNamespace(layers=list(pools), kernel=self.kernel, block_size=self.block_size)
+        plan = StepPlan(kv, positions, write_slots, Attending(order[:, None], query_positions, key_slots, order),
+                        Attending(none, none.clone(), none.clone(), none[:, 0]))
+        return self.model(input_ids=input_ids, position_ids=positions[None], attention_mask=self.no_mask,
+                          use_cache=False, logits_to_keep=keep, **{STEP_ARGUMENT: plan}).logits
+
+
+def _decode_arguments(inputs: dict) -> tuple:
+    step: StepPlan = inputs[STEP_ARGUMENT]
+    return (inputs["input_ids"], inputs["logits_to_keep"], step.positions, step.write_slots,
+            step.decodes.query_positions, step.decodes.key_slots, *step.kv.layers)
+
+
+def _decodes_only(inputs: dict) -> bool:
+    """Whether a step is one that _Decodes runs: up to FEW_ROWS decodes, each keeping its logits."""
+    rows = inputs["input_ids"].shape[1]
+    return (rows <= FEW_ROWS and not inputs[STEP_ARGUMENT].prompts.token_rows.numel()
+            and inputs["logits_to_keep"].shape[0] == rows)
+
+
+@contextmanager
+def _few_rows_only(model):
+    """`model` without its layers' formats for steps of many rows (ByRows.many), which a step
+    of few rows never runs (and fbgemm's packed weights, among them, torch.export cannot take)."""
+    layers = [(layer, layer.many) for layer in model.modules() if isinstance(layer, ByRows)]
+    for layer, _ in layers:
+        layer.many = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        for layer, many in layers:
+            layer.many = many
 
 
 def _code_of_its_own(model):
