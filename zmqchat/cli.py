@@ -45,8 +45,9 @@ step_tokens_option = click.option("--step-tokens", type=click.IntRange(16), defa
                                   "in chunks in the rest. Fewer: steadier streams while prompts arrive; more: "
                                   "faster first tokens.")
 compile_option = click.option("--compile", "compile_step", is_flag=True,
-                               help="Compile the model's step with torch.compile at start (minutes on a CPU; "
-                               "eager if it fails). See README, Performance.")
+                               help="Compile the model's step with torch.compile at start, and on a CPU steps of "
+                               "decodes only ahead of time too (minutes on a CPU; eager if it fails). See README, "
+                               "Performance.")
 model_name_option = click.option("--model-name", help="Name clients use for the model [default: the folder's name].")
 fake_option = click.option("--fake", is_flag=True, help="Serve a fake engine that echoes the user (tests, benchmarks).")
 fake_delay_option = click.option("--fake-delay", type=float, default=c.FAKE_DELAY, show_default=True,

@@ -16,8 +16,10 @@ With `compile`, the model's forward goes through torch.compile, compiled once at
 attention and fbgemm's layers (quantize.py) are opaque operators and every size that changes
 between steps is unbacked, so one graph serves every step (int4's: one for steps of few rows,
 one for the rest, quantize.step_rows); bf16's layers are compiled with the Inductor options
-quantize.inductor_options gives. It runs fastest on the thread that compiled it
-(worker.py says why). README, Performance, has its figures (runs J, P to R).
+quantize.inductor_options gives. On a CPU, steps of decodes only (up to FEW_ROWS) then run
+through a program compiled ahead of time (AOTInductor), which has no Python between its
+operators. It runs fastest on the thread that compiled it (worker.py says why). README,
+Performance, has its figures (runs J, P to R, AE).
 
 `embed()` runs inputs through the model without generating (no KV cache is kept): an input's
 embedding is its last hidden states (the base model's output, after its final norm: what the LM
@@ -35,6 +37,7 @@ import re
 import tempfile
 import time
 import types
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -277,11 +280,13 @@ class HFRunner:
         shapes = ({1: rows}, {0: rows}, {0: rows}, {0: rows}, {0: rows}, {0: rows, 1: keys},
                   (None,) * len(self.kv.layers))
         try:
-            step_rows(2)
-            with torch.inference_mode(), _few_rows_only(self.model):
-                program = torch.export.export(_Decodes(self.model, self.kv, self.no_mask), _decode_arguments(inputs),
-                                              dynamic_shapes=shapes, strict=False)
-            with tempfile.TemporaryDirectory() as folder:
+            with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
+                # PyTorch's own use of a pytree API it deprecates, printed once per process
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                step_rows(2)
+                with torch.inference_mode(), _few_rows_only(self.model):
+                    program = torch.export.export(_Decodes(self.model, self.kv, self.no_mask),
+                                                  _decode_arguments(inputs), dynamic_shapes=shapes, strict=False)
                 package = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/decodes.pt2")
                 compiled = torch._inductor.aoti_load_package(package)
         except Exception as exc:  # export's and AOTInductor's errors have no common base either
