@@ -75,6 +75,13 @@ class Attending:
     token_rows: torch.Tensor  # [n]: each of the group's tokens' row among the B x Tq padded queries
     masks: dict = field(default_factory=dict)  # by sliding window (0: none), once per step: [B, 1, Tq, Lk]
 
+    @classmethod
+    def empty(cls, device) -> Attending:
+        """A group of no chunks, one column: the strides of [0, 1] are those of any [B, L] group,
+        and each field its own tensor, so that torch.compile's guards see no new layout and no aliasing."""
+        grids = [torch.zeros(0, 1, dtype=torch.long, device=device) for _ in range(3)]
+        return cls(*grids, torch.zeros(0, dtype=torch.long, device=device))
+
     def mask(self, window: int) -> torch.Tensor:
         """Causal, and within `window` of the query where a layer slides (q - k < window)."""
         if window not in self.masks:
@@ -115,10 +122,8 @@ def _attending(kv: PagedKV, chunks: list[tuple[list[int], int, int]], device) ->
     """The chunks' group, and their tokens' positions and slots to write, in order."""
     size = kv.block_size
     if not chunks:
-        # No chunks, one column: the strides of [0, 1] are those of any [B, L] group, and each
-        # field its own tensor, so that torch.compile's guards see no new layout and no aliasing.
-        grids = [torch.zeros(0, 1, dtype=torch.long, device=device) for _ in range(3)]
-        return Attending(*grids, torch.zeros(0, dtype=torch.long, device=device)), grids[0][:, 0], grids[1][:, 0]
+        group = Attending.empty(device)
+        return group, group.query_index[:, 0], group.query_positions[:, 0]
     starts = torch.tensor([start for _, start, _ in chunks], device=device)
     ends = torch.tensor([end for _, _, end in chunks], device=device)
     lengths = ends - starts

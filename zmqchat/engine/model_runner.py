@@ -369,13 +369,11 @@ class _Decodes(torch.nn.Module):
         self.model, self.kernel, self.block_size, self.no_mask = model, kv.kernel, kv.block_size, no_mask
 
     def forward(self, input_ids, keep, positions, write_slots, query_positions, key_slots, *pools):
-        rows = input_ids.shape[1]
-        none = torch.zeros(0, 1, dtype=torch.long, device=input_ids.device)
-        order = torch.arange(rows, device=input_ids.device)
+        order = torch.arange(input_ids.shape[1], device=input_ids.device)
         # The pools as PagedKV holds them: those passed in, which the program writes in place.
         kv = types.SimpleNamespace(layers=list(pools), kernel=self.kernel, block_size=self.block_size)
         plan = StepPlan(kv, positions, write_slots, Attending(order[:, None], query_positions, key_slots, order),
-                        Attending(none, none.clone(), none.clone(), none[:, 0]))
+                        Attending.empty(input_ids.device))
         return self.model(input_ids=input_ids, position_ids=positions[None], attention_mask=self.no_mask,
                           use_cache=False, logits_to_keep=keep, **{STEP_ARGUMENT: plan}).logits
 
