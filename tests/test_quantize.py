@@ -14,7 +14,7 @@ from torch import nn
 from zmqchat import models
 from zmqchat.engine import Engine, HFRunner
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
-from zmqchat.quantize import (CANDIDATES, FEW_ROWS, INT4_GROUP, BFloat16Linear, ByRows, Int4Linear, LinearPart,
+from zmqchat.quantize import (CANDIDATES, CANDIDATES_BFLOAT16, FEW_ROWS, INT4_GROUP, BFloat16Linear, ByRows, Int4Linear, LinearPart,
                               PackedLinear, ShortlistHead, chosen, inductor_options, int4_by_rows, quantize,
                               quantize_groups, step_rows)
 
@@ -105,16 +105,17 @@ def test_bf16_and_int4_make_sibling_layers_one_product_giving_each_layers_own_an
 
 @pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("tied", [False, True])
-def test_int4_runs_the_lm_head_of_many_rows_in_float16_and_of_few_rows_shortlisted(amx, tied, monkeypatch, step_of):
-    """Many rows (where int4's other layers run in bfloat16 on AMX): float16, as fp16's head.
-    Few: every logit from the 4-bit weights, the CANDIDATES highest of them computed again, so
-    the top of the ranking is the exact head's: from the float32 weights of a head that is the
-    input embedding (shared), else from a float16 copy (the float16 head's values)."""
+def test_int4_shortlists_the_lm_head_in_4_bits_for_few_rows_and_in_bfloat16_or_float16_for_many(amx, tied, monkeypatch,
+                                                                                                 step_of):
+    """Few rows: every logit from the 4-bit weights, the CANDIDATES highest of them computed
+    again, so the top of the ranking is the exact head's: from the float32 weights of a head that
+    is the input embedding (shared), else from a float16 copy (the float16 head's values). Many
+    rows (where int4's other layers run in bfloat16 on AMX) likewise from bfloat16 weights; on
+    CPUs without AMX, float16, as fp16's head."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     model = quantize(tiny_llama(tied=tied), "int4")
     assert isinstance(model.model.layers[0].mlp.down_proj, ByRows if amx else Int4Linear)
     head = model.get_output_embeddings()
-    assert isinstance(head.many, PackedLinear) and head.many.fp16
     if tied:
         assert head.few.weight is model.get_input_embeddings().weight
     else:
@@ -123,15 +124,25 @@ def test_int4_runs_the_lm_head_of_many_rows_in_float16_and_of_few_rows_shortlist
     exact = tiny_llama(tied=tied).get_output_embeddings()
     x = torch.randn(3, 64) * 4  # spread the logits beyond int4's error
     with torch.inference_mode():
-        step_of(FEW_ROWS + 1)
-        assert torch.equal(head(x), reference(x))
         step_of(FEW_ROWS)
-        got, expected, rough = head(x), (exact if tied else reference)(x), Int4Linear(exact)(x)
-    top = rough.topk(CANDIDATES, dim=-1).indices
+        assert_shortlisted(head(x), (exact if tied else reference)(x), Int4Linear(exact)(x), CANDIDATES)
+        step_of(FEW_ROWS + 1)
+        if amx:
+            assert head.many.weight is head.few.weight  # one copy of the exact weights
+            assert_shortlisted(head(x), (exact if tied else reference)(x), BFloat16Linear(exact)(x),
+                               CANDIDATES_BFLOAT16)
+        else:
+            assert isinstance(head.many, PackedLinear) and head.many.fp16
+            assert torch.equal(head(x), reference(x))
+
+
+def assert_shortlisted(got: torch.Tensor, expected: torch.Tensor, rough: torch.Tensor, candidates: int) -> None:
+    """`got` has the exact logits where `rough` ranks them highest, the rough ones elsewhere."""
+    top = rough.topk(candidates, dim=-1).indices
     assert torch.allclose(got.gather(-1, top), expected.gather(-1, top), rtol=0, atol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     outside = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
-    assert torch.equal(got[outside], rough[outside]) and not torch.allclose(rough, expected, atol=1e-3)
+    assert torch.equal(got[outside], rough[outside]) and not torch.allclose(rough, expected, atol=1e-5)
 
 
 def test_the_shortlisted_head_adds_its_bias_to_the_logits_it_computes_again():
@@ -141,7 +152,7 @@ def test_the_shortlisted_head_adds_its_bias_to_the_logits_it_computes_again():
         head.bias.mul_(10)  # large enough to reorder the logits
     x = torch.randn(2, 64)
     with torch.inference_mode():
-        got, expected, rough = ShortlistHead(head, tied=True)(x), head(x), Int4Linear(head)(x)
+        got, expected, rough = ShortlistHead.in_int4(head, head.weight)(x), head(x), Int4Linear(head)(x)
     top = rough.topk(CANDIDATES, dim=-1).indices
     assert torch.allclose(got.gather(-1, top), expected.gather(-1, top), rtol=0, atol=1e-5)
 

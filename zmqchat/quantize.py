@@ -14,9 +14,10 @@ and the CPU's fast kernels are the levers:
 - int4: groupwise 4-bit weights (a scale and a minimum per 32 weights, as GGUF's Q4_1, so the
   embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
   int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
-  its one fast path, which is where int4 departs from float32. The LM head runs in float16 as
-  fp16's does, where fbgemm runs; in steps of few rows it ranks every logit in 4 bits first and
-  computes the CANDIDATES highest again (ShortlistHead). The kernel dequantises the weights
+  its one fast path, which is where int4 departs from float32. The LM head ranks every logit
+  in 4 bits in steps of few rows, in bfloat16 in steps of many where AMX runs, and computes the
+  highest again exactly (ShortlistHead); without AMX, steps of many rows run it in float16 as
+  fp16's does. The kernel dequantises the weights
   again for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its weights in
   bfloat16 (the same values: 2.5 bytes a weight in all) for steps of more rows, which then run
   as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest
@@ -53,6 +54,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from zmqchat.config import QUANTIZE_METHODS
 from zmqchat.models import LoadError
+from zmqchat.ranking import top_indices
 
 log = logging.getLogger("zmqchat.quantize")
 
@@ -60,6 +62,7 @@ INT4_GROUP = 32  # weights sharing a scale and a minimum: GGUF's Q4_0/Q4_1 block
 INT4_PACKED_OUTPUTS = 16  # the int4pack kernel packs a layer's outputs in blocks of this many
 FEW_ROWS = 4  # the int4pack kernel's block of rows: it dequantises the weights once a block
 CANDIDATES = 64  # int4's LM head: the logits of a step of few rows computed again exactly (ShortlistHead)
+CANDIDATES_BFLOAT16 = 16  # and of a step of many rows, ranked in bfloat16 on AMX
 
 
 def chosen(method: str, model: nn.Module) -> str:
@@ -115,18 +118,9 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         fused = fuse_siblings(model)
         replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear) and module is not head
                                     and Int4Linear.fits(module), int4_by_rows if amx else Int4Linear)
-        # A float32 head in float16 where fbgemm runs: half the bytes of the step's largest product
-        # (README, Performance, run Z), and float16 holds the default model's 8-bit values.
-        # (Also in bfloat16 for steps of many rows, it kept 8 of 16 replies, not 11, no faster: run Z2.)
-        # Steps of few rows shortlist in 4 bits: a quarter of its bytes again (run AB).
         head_format = "its own dtype"
         if head is not None and head.weight.dtype == torch.float32 and has_fbgemm():
-            _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
-            head_format = "float16"
-            if Int4Linear.fits(head) and head.out_features > CANDIDATES:
-                tied = head.weight is model.get_input_embeddings().weight
-                model.set_output_embeddings(ByRows(ShortlistHead(head, tied), model.get_output_embeddings()))
-                head_format += f" (4-bit for steps of up to {FEW_ROWS} rows, its {CANDIDATES} highest logits exact)"
+            head_format = _shortlisted_head(model, head, amx)
         log.info("int4: %d Linear layers in groups of %d weights (%d groups of siblings made one each)%s; the LM "
                  "head in %s", replaced, INT4_GROUP, fused, f", in bfloat16 for steps of over {FEW_ROWS} rows"
                  if amx else "", head_format)
@@ -144,6 +138,27 @@ def inductor_options(model: nn.Module, many_rows: bool) -> dict:
     if not _runs_bfloat16(model, many_rows):
         return {}
     return {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": True}
+
+
+def _shortlisted_head(model: nn.Module, head: nn.Linear, amx: bool) -> str:
+    """int4's float32 LM head made lighter: steps of many rows rank in bfloat16 on AMX and
+    compute the best again (ShortlistHead; float16's bytes at a third of fbgemm's time at 16
+    rows, run AF), elsewhere run in float16 (fbgemm: half float32's bytes, holding the default
+    model's 8-bit values, run Z); steps of few rows rank in 4 bits (a quarter again, run AB).
+    What it says of the head, for the log."""
+    shortlists = Int4Linear.fits(head) and head.out_features > CANDIDATES
+    tied = head.weight is model.get_input_embeddings().weight
+    exact = head.weight if tied else nn.Parameter(head.weight.detach().half(), requires_grad=False)
+    if amx and shortlists:
+        model.set_output_embeddings(ByRows(ShortlistHead.in_int4(head, exact), ShortlistHead.in_bfloat16(head, exact)))
+        return (f"4-bit for steps of up to {FEW_ROWS} rows and bfloat16 for more, its {CANDIDATES} and "
+                f"{CANDIDATES_BFLOAT16} highest logits exact")
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
+    if not shortlists:
+        return "float16"
+    model.set_output_embeddings(ByRows(ShortlistHead.in_int4(head, exact), model.get_output_embeddings()))
+    return f"float16 (4-bit for steps of up to {FEW_ROWS} rows, its {CANDIDATES} highest logits exact)"
 
 
 def _runs_bfloat16(module: nn.Module, many_rows: bool) -> bool:
@@ -363,24 +378,32 @@ class Int4Linear(nn.Module):
 
 
 class ShortlistHead(nn.Module):
-    """The LM head for steps of few rows, reading a quarter of float16's bytes: every logit from
-    4-bit weights, then the CANDIDATES highest computed again exactly, from the head's weights:
-    float32's where the head is the input embedding (shared), else a float16 copy (the float16
-    head's values, half of float32's memory). Greedy decoding chooses as the exact head does where
-    the best token is among the candidates (on the default model's prompts it never ranked below
-    4-bit's ninth: README, Performance, run AB). The logits ranked lower keep int4's error: so does
-    the logprob of a token outside the candidates (a prompt's, in steps of few rows), and a choice
-    that a grammar, logit_bias or a penalty moves off the candidates is made on 4-bit logits."""
+    """The LM head ranking every logit from cheaper weights (`rough`), then computing the
+    `candidates` highest again exactly, from the head's weights: float32's where the head is the
+    input embedding (shared), else a float16 copy (the float16 head's values, half of float32's
+    memory). Greedy decoding chooses as the exact head does where the best token is among the
+    candidates (on the default model's prompts it never ranked below 4-bit's ninth or bfloat16's
+    third: README, Performance, runs AB and AF). The logits ranked lower keep the rough error: so
+    does the logprob of a token outside the candidates (a prompt's), and a choice that a grammar,
+    logit_bias or a penalty moves off the candidates is made on rough logits."""
 
-    def __init__(self, head: nn.Linear, tied: bool):
+    def __init__(self, rough: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, candidates: int):
         super().__init__()
-        self.rough = Int4Linear(head)
-        weight = head.weight if tied else nn.Parameter(head.weight.detach().half(), requires_grad=False)
-        self.weight, self.bias = weight, head.bias
+        self.rough, self.weight, self.bias, self.candidates = rough, weight, bias, candidates
+
+    @classmethod
+    def in_int4(cls, head: nn.Linear, weight: torch.Tensor) -> ShortlistHead:
+        """For steps of few rows: a quarter of float16's bytes read (the int4pack kernel)."""
+        return cls(Int4Linear(head), weight, head.bias, CANDIDATES)
+
+    @classmethod
+    def in_bfloat16(cls, head: nn.Linear, weight: torch.Tensor) -> ShortlistHead:
+        """For steps of many rows on AMX: 3x fbgemm's float16 product at 16 rows (run AF)."""
+        return cls(BFloat16Linear(head), weight, head.bias, CANDIDATES_BFLOAT16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.rough(x)
-        top = logits.topk(CANDIDATES, dim=-1).indices
+        top = top_indices(logits, self.candidates)
         exact = (self.weight[top].to(x.dtype) * x[..., None, :]).sum(-1)
         return logits.scatter(-1, top, exact if self.bias is None else exact + self.bias[top])
 

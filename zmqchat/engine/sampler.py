@@ -18,6 +18,7 @@ import torch
 from zmqchat.engine.sequence import Sequence
 from zmqchat.grammar import fill_bitmask
 from zmqchat.protocol import SamplingParams
+from zmqchat.ranking import argmax_rows
 
 GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
 NUCLEUS_CANDIDATES = (64, 1024)  # likeliest tokens looked at for top_p, before sorting a whole vocabulary
@@ -41,7 +42,7 @@ def seeded_generator(seed: int | None, device) -> torch.Generator | None:
 def sample_batch(logits, params: list[SamplingParams], generators: list) -> list[int]:
     """The next token of each row: greedy at temperature 0, otherwise nucleus sampling from
     the tempered distribution, with the row's own generator where it has one."""
-    greedy = logits.argmax(-1)
+    greedy = argmax_rows(logits) if logits.device.type == "cpu" else logits.argmax(-1)  # see ranking
     temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
     sampling = temperatures >= GREEDY_BELOW
     if not bool(sampling.any()):
