@@ -648,6 +648,20 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert nucleus(probs, torch.tensor([1.0, 1.0]))[1] is None  # no filtering: the whole distribution
 
 
+def test_draws_follow_the_weights_never_take_a_zero_and_repeat_with_a_seed():
+    import torch
+
+    from zmqchat.engine.sampler import draw
+
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 0.0]]).repeat(4000, 1)
+    drawn = draw(weights, [None] * len(weights))
+    counts = torch.stack([torch.bincount(drawn[row::2], minlength=5) for row in (0, 1)])
+    assert counts[0, [0, 2, 4]].sum() == 0 and counts[1, 4] == 0  # weight 0: never
+    assert abs(counts[0, 1] / 4000 - 0.75) < 0.03 and (abs(counts[1, :4] / 4000 - 0.25) < 0.03).all()
+    seeded = lambda: draw(weights[:2] + 1, [torch.Generator().manual_seed(7), None])[0]  # noqa: E731
+    assert len({int(seeded()) for _ in range(5)}) == 1
+
+
 def test_top_k_keeps_only_each_rows_likeliest():
     import torch
 

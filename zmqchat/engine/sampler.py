@@ -50,15 +50,27 @@ def sample_batch(logits, params: list[SamplingParams], generators: list) -> list
     logits = top_k_only(logits.float(), [p.top_k for p in params])
     probs = torch.softmax(logits / temperatures.clamp(min=GREEDY_BELOW)[:, None], dim=-1)
     weights, tokens = nucleus(probs, torch.tensor([p.top_p for p in params], device=logits.device))
-    choice = greedy.clone()
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if shared:
-        choice[shared] = torch.multinomial(weights[shared], 1).squeeze(-1)
-    for i, generator in enumerate(generators):
-        if generator is not None:
-            choice[i] = torch.multinomial(weights[i], 1, generator=generator)[0]
+    choice = draw(weights, generators)
     sampled = choice if tokens is None else tokens.gather(-1, choice[:, None]).squeeze(-1)
     return torch.where(sampling, sampled, greedy).tolist()
+
+
+def draw(weights, generators: list):
+    """An index of each row of `weights` (not normalised), drawn in proportion to them: where a
+    uniform draw falls in the row's running sum, with the row's own generator where it has one.
+    PyTorch's CPU multinomial takes ~1.6 ms a row over the default model's 49,152 tokens (25 ms
+    for 16 rows, as long as the model's step), the running sum and its search 0.03 ms (README,
+    Performance, run AF). A token of weight 0 is never drawn: its running sum is its predecessor's."""
+    sums = weights.float().cumsum(-1)
+    uniform = torch.empty(len(generators), 1, device=weights.device)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        uniform[shared] = torch.rand(len(shared), 1, device=weights.device)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            uniform[i] = torch.rand(1, generator=generator, device=weights.device)
+    drawn = torch.searchsorted(sums, uniform * sums[:, -1:], right=True).squeeze(-1)
+    return drawn.clamp(max=weights.shape[-1] - 1)  # a sum short of its last entry by rounding
 
 
 def token_logprobs(logits, tokens: list[int], wanted: list[int | None]) -> list:
