@@ -59,7 +59,7 @@ def draw(weights, generators: list):
     """An index of each row of `weights` (not normalised), drawn in proportion to them: where a
     uniform draw falls in the row's running sum, with the row's own generator where it has one.
     PyTorch's CPU multinomial takes ~1.6 ms a row over the default model's 49,152 tokens (25 ms
-    for 16 rows, as long as the model's step), the running sum and its search 0.03 ms (README,
+    for 16 rows, as long as the model's step), the running sum and its search ~0.03 ms a row (README,
     Performance, run AF). A token of weight 0 is never drawn: its running sum is its predecessor's."""
     sums = weights.float().cumsum(-1)
     uniform = torch.empty(len(generators), 1, device=weights.device)
