@@ -147,16 +147,16 @@ def _shortlisted_head(model: nn.Module, head: nn.Linear, amx: bool) -> str:
     model's 8-bit values, run Z); steps of few rows rank in 4 bits (a quarter again, run AB).
     What it says of the head, for the log."""
     shortlists = Int4Linear.fits(head) and head.out_features > CANDIDATES
+    if not (amx and shortlists):
+        _pack_for_fbgemm(model, {next(name for name, module in model.named_modules() if module is head)}, torch.float16)
+        if not shortlists:
+            return "float16"
     tied = head.weight is model.get_input_embeddings().weight
     exact = head.weight if tied else nn.Parameter(head.weight.detach().half(), requires_grad=False)
-    if amx and shortlists:
+    if amx:
         model.set_output_embeddings(ByRows(ShortlistHead.in_int4(head, exact), ShortlistHead.in_bfloat16(head, exact)))
         return (f"4-bit for steps of up to {FEW_ROWS} rows and bfloat16 for more, its {CANDIDATES} and "
                 f"{CANDIDATES_BFLOAT16} highest logits exact")
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    _pack_for_fbgemm(model, {name for name, m in linears.items() if m is head}, torch.float16)
-    if not shortlists:
-        return "float16"
     model.set_output_embeddings(ByRows(ShortlistHead.in_int4(head, exact), model.get_output_embeddings()))
     return f"float16 (4-bit for steps of up to {FEW_ROWS} rows, its {CANDIDATES} highest logits exact)"
 
