@@ -198,8 +198,8 @@ def llama_folder(tokenizer, tmp_path_factory) -> Path:
 def test_compiled_step_gives_the_eager_tokens_from_one_graph(llama_folder, quantize, caplog, monkeypatch):
     """Steps of one token, of several, of prompt chunks and of both mixed: each sequence gets
     the tokens the eager step gives it, and no step compiles the model again; with the weights
-    as they are, in fp16 (fbgemm's layers called from the compiled graph) and in int4 (the
-    int4pack kernel called by Inductor; without AMX, where int4 keeps no bfloat16 copies for
+    as they are, in fp16 (fbgemm's layers called from the compiled graph) and in int4 (its
+    kernel, zmqchat's or int4pack, called from the graph too; without AMX, where int4 keeps no bfloat16 copies for
     steps of many rows, only its LM head makes steps of few rows and of many a graph each:
     shortlisted in 4 bits, or fbgemm's float16). Steps of decodes only run ahead of time
     compiled (AOTInductor), but where fbgemm's layers are (fp16), which torch.export cannot take."""

@@ -11,18 +11,18 @@ and the CPU's fast kernels are the levers:
 - int8: PyTorch's dynamic quantisation (int8 weights, activations quantised per step, fbgemm
   kernels using VNNI). Activations are quantised per tensor, across the whole batch, which
   this tiny model's outlier channels do not survive: its answers drift within a few tokens.
-- int4: groupwise 4-bit weights (a scale and a minimum per 32 weights, as GGUF's Q4_1, so the
-  embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by PyTorch's own
-  int4pack kernel, gpt-fast's path. Activations, scales and minimums go through it in bfloat16,
-  its one fast path, which is where int4 departs from float32. The LM head ranks every logit
+- int4: groupwise 4-bit weights (a float16 scale and minimum per 32 weights, as GGUF's Q4_1, so
+  the embedded default model, shipped as Q4_1, keeps its own 4-bit grid) run by zmqchat's own
+  kernel on CPUs with AVX-512 VNNI (kernels/int4_linear.cpp: integer products of the codes and
+  15-bit activations), elsewhere by PyTorch's int4pack kernel, gpt-fast's path, whose bfloat16
+  activations, scales and minimums depart further from float32. The LM head ranks every logit
   in 4 bits in steps of few rows, in bfloat16 in steps of many where AMX runs, and computes the
   highest again exactly (ShortlistHead); without AMX, steps of many rows run it in float16 as
-  fp16's does. The kernel dequantises the weights
-  again for every FEW_ROWS rows, so on CPUs with AMX each layer also keeps its weights in
-  bfloat16 (the same values: 2.5 bytes a weight in all) for steps of more rows, which then run
-  as bf16's do (ByRows); compiled, steps of few rows and the rest are a graph each. The fastest
-  format at one stream. CPU only here: CUDA's int4pack layout differs and is not tested
-  yet, so it is refused rather than guessed.
+  fp16's does. The kernels read the weights again for every FEW_ROWS rows, so on CPUs with AMX
+  each layer also keeps its weights in bfloat16 (the same values: 2.5 bytes a weight in all) for
+  steps of more rows, which then run as bf16's do (ByRows); compiled, steps of few rows and the
+  rest are a graph each. The fastest format at one stream. CPU only here: CUDA's int4pack layout
+  differs and is not tested yet, so it is refused rather than guessed.
 - bf16: weights stored in bfloat16 and each product's input rounded to bfloat16, for CPUs with
   AMX (Intel Sapphire Rapids and later), whose tiles multiply bfloat16 matrices many times faster
   than float32 vectors do. Compiled (--compile), Inductor's AMX GEMM template runs the products
@@ -59,8 +59,8 @@ from zmqchat.ranking import top_indices
 log = logging.getLogger("zmqchat.quantize")
 
 INT4_GROUP = 32  # weights sharing a scale and a minimum: GGUF's Q4_0/Q4_1 block size
-INT4_PACKED_OUTPUTS = 16  # the int4pack kernel packs a layer's outputs in blocks of this many
-FEW_ROWS = 4  # the int4pack kernel's block of rows: it dequantises the weights once a block
+INT4_PACKED_OUTPUTS = 16  # the int4 kernels compute a layer's outputs in blocks of this many
+FEW_ROWS = 4  # the int4 kernels' block of rows: they read the weights once a block
 CANDIDATES = 64  # int4's LM head: the logits of a step of few rows computed again exactly (ShortlistHead)
 CANDIDATES_BFLOAT16 = 16  # and of a step of many rows, ranked in bfloat16 on AMX
 
@@ -113,7 +113,7 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         return model
     if method == "int4":
         # Where AMX multiplies bfloat16 fast, steps of many rows run int4's weights in bfloat16
-        # (int4_by_rows): the int4pack kernel dequantises them again for every FEW_ROWS rows.
+        # (int4_by_rows): the int4 kernels read them again for every FEW_ROWS rows.
         amx = torch.cpu._is_amx_tile_supported()
         fused = fuse_siblings(model)
         replaced = _replace_modules(model, lambda module: isinstance(module, nn.Linear) and module is not head
@@ -352,16 +352,27 @@ class BFloat16Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """A Linear layer with 4-bit weights in groups along the input, for the int4pack kernel."""
+    """A Linear layer with 4-bit weights in groups along the input: zmqchat's own kernel where it
+    built for this CPU (kernels/int4_linear.cpp: AVX-512 VNNI, activations to 15 bits, float16
+    scales and minimums), else PyTorch's int4pack (gpt-fast's: activations, scales and minimums
+    in bfloat16). Both use one set of codes, scales and minimums (quantize_groups)."""
 
-    def __init__(self, linear: nn.Linear, groups: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """`groups`: quantize_groups' answer for `linear`'s weights, where the caller has it already."""
+    def __init__(self, linear: nn.Linear, groups: tuple[torch.Tensor, ...] | None = None,
+                 own_kernel: bool | None = None):
+        """`groups`: quantize_groups' answer for `linear`'s weights, where the caller has it already;
+        `own_kernel`: whether to run zmqchat's kernel (default: where it is built)."""
         super().__init__()
-        codes, scales_and_zeros = groups or quantize_groups(linear.weight.detach().float(), INT4_GROUP)
+        codes, scales, minimums = groups or quantize_groups(linear.weight.detach().float(), INT4_GROUP)
+        self.own_kernel = _int4_kernel() is not None if own_kernel is None else own_kernel
         # Buffers, not plain attributes, which torch.compile's graph loses the sizes of ("name 's38'
         # is not defined"), so that a compiled step runs them: Inductor calls the kernel itself.
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        if self.own_kernel:
+            packed, scales = _packed_for_own_kernel(codes, scales, minimums)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            scales = torch.stack([scales, minimums + 8 * scales], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
         self.out_features = linear.out_features
         self.bias = linear.bias
 
@@ -371,10 +382,31 @@ class Int4Linear(nn.Module):
                 and linear.weight.device.type == "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # float32 input takes a slow path
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.own_kernel:
+            y = torch.ops.zmqchat_kernels.int4_linear(x, self.packed, self.scales)
+        else:
+            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # float32 input takes a slow path
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def _int4_kernel():
+    # Imported here: zmqchat.engine imports this module.
+    from zmqchat.engine import kernels
+    return kernels.int4_linear()
+
+
+def _packed_for_own_kernel(codes: torch.Tensor, scales: torch.Tensor,
+                           minimums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_groups' answer in int4_linear.cpp's layout: (codes [out/16, in/8, 64] uint8, for
+    each block of 16 outputs and 8 inputs k..k+7 the 16 outputs' codes of k..k+3 in the low
+    nibbles and of k+4..k+7 in the high; scales and minimums [out/16, in/32, 2, 16] float16)."""
+    out, inputs = codes.shape
+    split = codes.to(torch.uint8).reshape(out // 16, 16, inputs // 8, 2, 4).permute(0, 2, 1, 3, 4)
+    packed = (split[:, :, :, 0] | (split[:, :, :, 1] << 4)).reshape(out // 16, inputs // 8, 64).contiguous()
+    both = torch.stack([scales, minimums])  # [2, out, groups]
+    return packed, both.reshape(2, out // 16, 16, -1).permute(1, 3, 0, 2).contiguous().half()
 
 
 class ShortlistHead(nn.Module):
@@ -393,7 +425,7 @@ class ShortlistHead(nn.Module):
 
     @classmethod
     def in_int4(cls, head: nn.Linear, weight: torch.Tensor) -> ShortlistHead:
-        """For steps of few rows: a quarter of float16's bytes read (the int4pack kernel)."""
+        """For steps of few rows: a quarter of float16's bytes read (Int4Linear)."""
         return cls(Int4Linear(head), weight, head.bias, CANDIDATES)
 
     @classmethod
@@ -435,22 +467,17 @@ def int4_by_rows(linear: nn.Linear) -> ByRows:
     return ByRows(Int4Linear(linear, groups), BFloat16Linear(linear_of(dequantized(*groups), linear.bias)))
 
 
-def dequantized(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """The float32 weights [out, in] that quantize_groups' codes and scales stand for, as the
-    int4pack kernel computes them: (code - 8) * scale + zero."""
-    scales, zeros = scales_and_zeros.float().transpose(0, 1).repeat_interleave(INT4_GROUP, 1).unbind(-1)
-    return (codes - 8) * scales + zeros
+def dequantized(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+    """The float32 weights [out, in] that quantize_groups' codes, scales and minimums stand for."""
+    return (codes.reshape(*scales.shape, -1) * scales[..., None] + minimums[..., None]).reshape(codes.shape)
 
 
-def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes 0..15 as int32 [out, in], scales and zeros [in/group, out, 2] in bfloat16) such
-    that a weight is code * scale + minimum of its group. The kernel takes the group's middle
-    (minimum + 8 scales) as its "zero"."""
+def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes 0..15 as int32 [out, in], scales and minimums [out, in/group] as float32 holding
+    float16 values, as GGUF's Q4_1 keeps them) such that a weight is code * scale + minimum of its
+    group: the default model's weights, on Q4_1's grid already, come back exactly."""
     groups = weight.reshape(-1, group)
-    low = groups.amin(1, keepdim=True)
-    scales = ((groups.amax(1, keepdim=True) - low) / 15).clamp(min=1e-6)
+    low = groups.amin(1, keepdim=True).half().float()
+    scales = ((groups.amax(1, keepdim=True) - low) / 15).clamp(min=1e-6).half().float()
     codes = ((groups - low) / scales).round().clamp(0, 15).to(torch.int32).reshape_as(weight)
-    zeros = low + 8 * scales
-    rows = weight.shape[0]
-    scales_and_zeros = torch.stack([scales.reshape(rows, -1), zeros.reshape(rows, -1)], dim=2)
-    return codes, scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+    return codes, scales.reshape(weight.shape[0], -1), low.reshape(weight.shape[0], -1)

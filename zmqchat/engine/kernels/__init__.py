@@ -4,7 +4,8 @@ use, as Inductor builds its own, and loaded as PyTorch operators (torch.ops.zmqc
 Built for this CPU's instructions (-march=native) into a folder named after them and the
 sources, so that machines sharing a home folder never load each other's builds, and a build is
 made once per machine (about 15 s). Where no compiler is at hand the build fails once, is
-logged, and callers take PyTorch's operators instead (`planned_attention()` is None).
+logged, and callers take PyTorch's operators instead (`planned_attention()` is None). The int4
+product is built only for CPUs with AVX-512 VNNI (`int4_linear()` is None elsewhere).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def load() -> bool:
     except Exception as exc:  # no compiler, no ninja, a CPU the flags do not fit: PyTorch's operators still serve
         log.warning("zmqchat's CPU kernels did not build; attention runs on PyTorch's operators: %s", exc)
         return False
-    torch.library.register_fake("zmqchat_kernels::planned_attention")(_planned_attention_shape)  # for torch.compile
+    # Their output's shape and dtype, for torch.compile
+    torch.library.register_fake("zmqchat_kernels::planned_attention")(_planned_attention_shape)
+    if hasattr(torch.ops.zmqchat_kernels, "int4_linear"):
+        torch.library.register_fake("zmqchat_kernels::int4_linear")(_int4_linear_shape)
     if time.perf_counter() - started > 1:
         log.info("built zmqchat's CPU kernels in %.0f s (%s)", time.perf_counter() - started, folder)
     return True
@@ -65,6 +69,18 @@ def planned_attention():
     """A layer's attention for a step on a float32 pool (attention.attend_as_planned's work, in
     C++: decode_attention.cpp), or None where the kernels did not build."""
     return torch.ops.zmqchat_kernels.planned_attention.default if load() else None
+
+
+def int4_linear():
+    """A product with 4-bit weights in int4_linear.cpp's layout (quantize.Int4Linear), or None where
+    the kernels did not build or the CPU has no AVX-512 VNNI."""
+    return torch.ops.zmqchat_kernels.int4_linear.default \
+        if load() and hasattr(torch.ops.zmqchat_kernels, "int4_linear") else None
+
+
+def _int4_linear_shape(x, packed, _):
+    """[..., N] of x [..., K] and packed [N/16, K/8, 64]."""
+    return x.new_empty(*x.shape[:-1], packed.shape[0] * 16)
 
 
 def _planned_attention_shape(query, *_):
