@@ -15,8 +15,8 @@ from zmqchat import models
 from zmqchat.engine import Engine, HFRunner, kernels
 from zmqchat.models import DEFAULT_MODEL_NAME, LoadError
 from zmqchat.quantize import (CANDIDATES, CANDIDATES_BFLOAT16, FEW_ROWS, INT4_GROUP, BFloat16Linear, ByRows,
-                              Int4Linear, LinearPart, PackedLinear, ShortlistHead, chosen, dequantized, inductor_options,
-                              int4_by_rows, quantize, quantize_groups, step_rows)
+                              Int4Linear, LinearPart, PackedLinear, ShortlistHead, chosen, dequantized,
+                              inductor_options, int4_by_rows, quantize, quantize_groups, step_rows)
 
 
 def tiny_llama(vocab_size: int = 96, tied: bool = False) -> nn.Module:

@@ -116,7 +116,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
               "int4_linear: packed must be contiguous uint8 [N/16, K/8, 64]");
   const int64_t K = x.size(-1), blocks = packed.size(0), N = blocks * kBlock;
   TORCH_CHECK(K % kGroup == 0 && packed.size(1) * 8 == K, "int4_linear: x's last size must be packed's K");
-  TORCH_CHECK(scales.dtype() == at::kHalf && scales.is_contiguous() && scales.numel() == blocks * (K / kGroup) * 2 * kBlock,
+  TORCH_CHECK(scales.dtype() == at::kHalf && scales.is_contiguous()
+                  && scales.numel() == blocks * (K / kGroup) * 2 * kBlock,
               "int4_linear: scales must be contiguous float16 [N/16, K/32, 2, 16]");
   const int64_t rows = x.numel() / K;
   const at::Tensor input = x.reshape({rows, K}).to(at::kFloat).contiguous();
