@@ -104,3 +104,14 @@ def test_without_a_compiler_the_kernel_is_left_out_and_says_why(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "kernel: None" in done.stdout
     assert "zmqchat's CPU kernels did not build; attention runs on PyTorch's operators" in done.stderr
+
+
+def test_a_build_killed_halfway_does_not_stop_the_next(tmp_path):
+    """PyTorch's lock file, left by a process killed while it built the kernels, is cleared by the
+    next build instead of being waited on forever."""
+    code = ("from zmqchat.engine import kernels\n"
+            "(kernels.build_folder() / 'lock').touch()\n"
+            "print('built:', kernels.load())")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "built: True" in done.stdout, done.stderr

@@ -363,7 +363,8 @@ class Int4Linear(nn.Module):
         `own_kernel`: whether to run zmqchat's kernel (default: where it is built)."""
         super().__init__()
         codes, scales, minimums = groups or quantize_groups(linear.weight.detach().float(), INT4_GROUP)
-        self.own_kernel = _int4_kernel() is not None if own_kernel is None else own_kernel
+        built = _int4_kernel() is not None  # built and loaded, once per process
+        self.own_kernel = built if own_kernel is None else own_kernel
         # Buffers, not plain attributes, which torch.compile's graph loses the sizes of ("name 's38'
         # is not defined"), so that a compiled step runs them: Inductor calls the kernel itself.
         if self.own_kernel:

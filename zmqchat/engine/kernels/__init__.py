@@ -10,11 +10,13 @@ product is built only for CPUs with AVX-512 VNNI (`int4_linear()` is None elsewh
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import sysconfig
 import time
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -34,20 +36,28 @@ def _cpu_flags() -> bytes:
         return b""
 
 
+def build_folder() -> Path:
+    """Where the kernels are built for these sources and this CPU's instructions (made if new)."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(_cpu_flags() + b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:16]
+    return Path(cpp_extension._get_build_directory(f"zmqchat_kernels_{digest}", verbose=False))
+
+
 @cache
 def load() -> bool:
     """Build (once per machine and source) and load the kernels; whether they are loaded."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(_cpu_flags() + b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:16]
-    name = f"zmqchat_kernels_{digest}"
-    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    folder = build_folder()
+    name = folder.name
     # PyTorch builds with ninja, which pip installs next to this interpreter: on PATH or not.
     os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
     started = time.perf_counter()
     try:
-        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                           build_directory=str(folder), is_python_module=False)
+        with _building(folder):
+            cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(folder), is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a CPU the flags do not fit: PyTorch's operators still serve
         log.warning("zmqchat's CPU kernels did not build; attention runs on PyTorch's operators: %s", exc)
         return False
@@ -58,6 +68,18 @@ def load() -> bool:
     if time.perf_counter() - started > 1:
         log.info("built zmqchat's CPU kernels in %.0f s (%s)", time.perf_counter() - started, folder)
     return True
+
+
+@contextmanager
+def _building(folder: Path):
+    """One process at a time builds in `folder`. PyTorch's own lock is a file that a process
+    killed while building (a worker stopped during its first start) leaves behind, and every
+    later build then waits for it forever: this lock (flock) ends with its process, and whoever
+    holds it removes a lock file left over."""
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        yield
 
 
 def decode_attention():
