@@ -371,6 +371,7 @@ class Int4Linear(nn.Module):
             packed, scales = _packed_for_own_kernel(codes, scales, minimums)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            # [groups, out, 2]: a scale and a "zero", which int4pack takes at a group's middle (code 8)
             scales = torch.stack([scales, minimums + 8 * scales], dim=2).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
